@@ -1,0 +1,11 @@
+"""revtriton: reversible residual networks with fused Triton coupling kernels.
+
+``ReversibleBlock`` is an additive coupling ``y1 = x1 + F(x2), y2 = x2 + G(y1)``;
+``ReversibleSequential`` chains blocks so that only the chain's output is kept for backward.
+"""
+from . import ops
+from .blocks import ReversibleBlock
+from .memory import saved_activation_bytes
+from .sequential import ReversibleSequential
+
+__all__ = ["ReversibleBlock", "ReversibleSequential", "saved_activation_bytes", "ops"]

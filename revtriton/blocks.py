@@ -1,0 +1,125 @@
+"""Reversible blocks: one coupling each, computed in place on a chain's stream buffer.
+
+A block implements three in-place steps that :mod:`revtriton.function` drives:
+
+- ``forward_inplace(x, run)``: x becomes y.
+- ``inverse_inplace(y, run)``: y becomes x.
+- ``backward_inplace(y, dy, vjp)``: y becomes x and dy becomes dx (Algorithm 1, DESIGN.md);
+  returns the parameter gradients as ``[(param, grad), ...]``.
+
+``run(name, module, input)`` and ``vjp(module, input, grad)`` call F and G; the chain picks
+them so that the recompute replays the forward's RNG and autocast state.
+"""
+import torch
+from torch import nn
+
+from . import ops
+
+
+def halves(t, dim):
+    """The two halves of ``t`` along ``dim`` as views (no copy)."""
+    half = t.shape[dim] // 2
+    return t.narrow(dim, 0, half), t.narrow(dim, half, half)
+
+
+def _rebuild_(a, b, c, d):
+    """``a -= b`` and, where ``d`` is a gradient (not None), ``c += d`` in the same pass."""
+    if d is None:
+        ops.coupling_inverse(a, b)
+    else:
+        ops.coupling_backward(a, b, c, d)
+
+
+def _as_module(name, fn):
+    if isinstance(fn, nn.Module):
+        return fn
+    if callable(fn):
+        return _Callable(fn)
+    raise TypeError(f"{name} is {type(fn).__name__}; expected an nn.Module or a callable")
+
+
+class _Callable(nn.Module):
+    """Wraps a plain callable (no parameters of its own) as an nn.Module."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class ReversibleBlock(nn.Module):
+    """Additive coupling of two halves of the input split along ``dim``::
+
+        y1 = x1 + F(x2)            x2 = y2 - G(y1)
+        y2 = x2 + G(y1)            x1 = y1 - F(x2)
+
+    Args:
+        f, g: nn.Modules (or callables) mapping a half to a tensor of the same shape,
+            dtype and device.
+        dim: the dimension split in two (1 for NCHW, -1 for (batch, tokens, features));
+            its size must be even.
+        preserve_rng_state: replay the RNG state of F and G in the backward recompute, so
+            dropout masks match the forward. Costs nothing when F and G draw no numbers.
+
+    Used alone, a block is a chain of one: it keeps only its output for backward. Prefer
+    :class:`~revtriton.ReversibleSequential` for many blocks (one autograd node for all).
+    """
+
+    def __init__(self, f, g, dim=1, preserve_rng_state=True):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim is {dim!r}; expected an int")
+        self.f = _as_module("f", f)
+        self.g = _as_module("g", g)
+        self.dim = dim
+        self.preserve_rng_state = preserve_rng_state
+
+    def extra_repr(self):
+        return f"dim={self.dim}"
+
+    def check_input(self, x):
+        """Raise a clear error unless ``x`` can be split in two along ``self.dim``."""
+        if not -x.ndim <= self.dim < x.ndim:
+            raise ValueError(f"dim={self.dim} is out of range for an input of shape {tuple(x.shape)} "
+                             f"(expected -{x.ndim} <= dim < {x.ndim})")
+        if x.shape[self.dim] % 2:
+            raise ValueError(f"the input's size along dim={self.dim} is {x.shape[self.dim]}; expected an "
+                             f"even size to split into two halves (input shape {tuple(x.shape)})")
+
+    def forward(self, x):
+        from .function import reversible_chain
+
+        return reversible_chain((self,), x, self.preserve_rng_state)
+
+    def inverse(self, y):
+        """Rebuild the input from the output ``y`` (without gradient; ``y`` is not modified)."""
+        from .function import invert_chain
+
+        return invert_chain((self,), y)
+
+    def forward_inplace(self, x, run):
+        x1, x2 = halves(x, self.dim)
+        ops.coupling_forward(x1, run("f", self.f, x2))
+        ops.coupling_forward(x2, run("g", self.g, x1))
+
+    def inverse_inplace(self, y, run):
+        y1, y2 = halves(y, self.dim)
+        ops.coupling_inverse(y2, run("g", self.g, y1))
+        ops.coupling_inverse(y1, run("f", self.f, y2))
+
+    def backward_inplace(self, y, dy, vjp):
+        y1, y2 = halves(y, self.dim)
+        dy1, dy2 = halves(dy, self.dim)
+        g, g_y1, g_params = vjp(self.g, y1, dy2)
+        _rebuild_(y2, g, dy1, g_y1)      # x2 = y2 - G(y1);  dy1 += dG/dy1^T dy2
+        f, f_x2, f_params = vjp(self.f, y2, dy1)
+        _rebuild_(y1, f, dy2, f_x2)      # x1 = y1 - F(x2);  dx2 = dy2 + dF/dx2^T dy1
+        return f_params + g_params
+
+    def eager_forward(self, x):
+        """The same function with plain autograd, keeping every activation (for debugging)."""
+        x1, x2 = halves(x, self.dim)
+        y1 = x1 + self.f(x2)
+        return torch.cat([y1, x2 + self.g(y1)], dim=self.dim)

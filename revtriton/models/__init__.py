@@ -1,0 +1,1 @@
+"""Reference models: RevNets, their ResNet twins and a reversible transformer."""

@@ -1,0 +1,115 @@
+"""Run F and G so that the backward recompute sees exactly what the forward saw.
+
+A chain runs F1, G1, F2, G2, ... in forward and recomputes them in the reverse order in
+backward (Algorithm 1 in DESIGN.md), so the forward pushes one entry per call onto a stack
+and the backward pops them. An entry is the RNG state the call started from, kept only when
+the call drew random numbers (dropout): deterministic F and G cost nothing.
+The recompute also replays the forward's autocast state and leaves the module's buffers
+as the forward left them, so BatchNorm running statistics are updated once, as in eager.
+"""
+import contextlib
+
+import torch
+
+
+def check_output(name, out, x):
+    """Raise a ValueError unless ``out = name(x)`` has x's shape, device and dtype.
+
+    Under autocast, any floating dtype is accepted: F and G may compute in low precision
+    while the two streams keep theirs.
+    """
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} returned {type(out).__name__}; expected a tensor shaped like its input")
+    if out.shape != x.shape:
+        raise ValueError(f"{name} returned shape {tuple(out.shape)}; expected {tuple(x.shape)}, the shape "
+                         f"of its input half (a coupling function must preserve shape)")
+    if out.device != x.device:
+        raise ValueError(f"{name} returned a tensor on {out.device}; expected {x.device}, its input's device")
+    autocast = torch.is_autocast_enabled(x.device.type) and out.is_floating_point()
+    if out.dtype != x.dtype and not autocast:
+        raise ValueError(f"{name} returned dtype {out.dtype}; expected {x.dtype}, its input's dtype "
+                         f"(cast inside F/G, or use torch.autocast to compute in lower precision)")
+
+
+@contextlib.contextmanager
+def buffers_kept(module):
+    """Run a block of code, then put ``module``'s buffers back as they were (BatchNorm stats)."""
+    buffers = list(module.buffers()) if isinstance(module, torch.nn.Module) else []
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
+def run_checked(name, module, x):
+    """``module(x)`` with its output checked: the forward of a chain that keeps no state."""
+    out = module(x)
+    check_output(name, out, x)
+    return out
+
+
+def run_side_effect_free(name, module, x):
+    """``module(x)`` leaving its buffers untouched: the explicit ``inverse`` of a chain."""
+    with buffers_kept(module):
+        return run_checked(name, module, x)
+
+
+class Recorder:
+    """Runs a chain's F/G calls in forward and replays them, reversed, in backward."""
+
+    def __init__(self, device, preserve_rng_state=True):
+        self.device = device
+        self.preserve_rng_state = preserve_rng_state
+        device_types = {"cpu", device.type}
+        self.autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in device_types}
+        self.autocast_cache = torch.is_autocast_cache_enabled()
+        self.rng_states = []
+
+    def _rng_state(self):
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def forward(self, name, module, x):
+        """``module(x)`` in the chain's forward; remember its RNG state if it drew numbers."""
+        before = self._rng_state() if self.preserve_rng_state else None
+        out = run_checked(name, module, x)
+        if before is not None:
+            after = self._rng_state()
+            drew = not all(a is None or torch.equal(a, b) for a, b in zip(before, after))
+            self.rng_states.append(before if drew else None)
+        return out
+
+    @contextlib.contextmanager
+    def _replayed(self, rng_state):
+        with contextlib.ExitStack() as stack:
+            if rng_state is not None:
+                cuda = [self.device] if rng_state[1] is not None else []
+                stack.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
+                torch.set_rng_state(rng_state[0])
+                if cuda:
+                    torch.cuda.set_rng_state(rng_state[1], self.device)
+            for device_type, (enabled, dtype) in self.autocast.items():
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled,
+                                                   cache_enabled=self.autocast_cache))
+            yield
+
+    def vjp(self, module, x, grad):
+        """Recompute ``out = module(x)`` as in forward and pull ``grad`` back through it.
+
+        Returns ``(out, dL/dx, [(param, dL/dparam), ...])`` with ``out`` detached; a gradient
+        is None where ``out`` does not depend on that input. Calls must come in the reverse
+        order of the forward's.
+        """
+        rng_state = self.rng_states.pop() if self.preserve_rng_state else None
+        leaf = x.detach().requires_grad_()
+        params = [p for p in module.parameters() if p.requires_grad] if isinstance(module, torch.nn.Module) else []
+        with buffers_kept(module):  # restored after the vjp: BatchNorm saves them for backward
+            with torch.enable_grad(), self._replayed(rng_state):
+                out = module(leaf)
+            if not out.requires_grad:
+                return out.detach(), None, []
+            grads = torch.autograd.grad(out, [leaf, *params], grad.to(out.dtype), allow_unused=True)
+        return out.detach(), grads[0], list(zip(params, grads[1:]))

@@ -1,0 +1,44 @@
+"""ReversibleSequential: a chain of reversible blocks run as one autograd node."""
+from torch import nn
+
+from .function import invert_chain, reversible_chain
+
+
+class ReversibleSequential(nn.Sequential):
+    """A chain of reversible blocks whose activation memory is O(1) in depth.
+
+    Forward keeps only the chain's output; backward rebuilds each block's input from its
+    output and runs F and G once more each (never twice more). Composes with ordinary
+    layers, e.g. ``nn.Sequential(stem, ReversibleSequential(...), downsample, head)``.
+
+    Args:
+        *blocks: reversible blocks (:class:`~revtriton.ReversibleBlock`, ...).
+        preserve_rng_state: replay the RNG state of F and G in the recompute so that
+            dropout masks match the forward (free when F and G draw no random numbers).
+        reversible: ``False`` runs the same blocks with plain autograd, keeping every
+            activation: a debugging switch to compare against the reversible path.
+
+    The output's storage is reused by backward: after ``backward()`` it holds the chain's
+    input, so do not read the output after its backward. The caller's input is never
+    modified. torch.compile graph-breaks around the chain (F and G run eagerly inside).
+    """
+
+    def __init__(self, *blocks, preserve_rng_state=True, reversible=True):
+        for i, block in enumerate(blocks):
+            if not callable(getattr(block, "backward_inplace", None)):
+                raise TypeError(f"blocks[{i}] is {type(block).__name__}; expected a reversible block "
+                                f"such as revtriton.ReversibleBlock")
+        super().__init__(*blocks)
+        self.preserve_rng_state = preserve_rng_state
+        self.reversible = reversible
+
+    def forward(self, x):
+        if not self.reversible:
+            for block in self:
+                x = block.eager_forward(x)
+            return x
+        return reversible_chain(tuple(self), x, self.preserve_rng_state)
+
+    def inverse(self, y):
+        """Rebuild the chain's input from its output ``y`` (no gradient; ``y`` is kept)."""
+        return invert_chain(tuple(self), y)
