@@ -2,11 +2,12 @@
 
 Forward copies the input once into a stream buffer and runs every block in place on it,
 without autograd; only that buffer (the chain's output) is saved. Backward walks the blocks
-in reverse, rebuilding each block's input in the output's storage and its input gradient in
-a gradient buffer of the chain's own (Algorithm 1 in DESIGN.md): F and G run twice per
-step, activation memory does not grow with depth.
+in reverse, rebuilding each block's input in place in a copy of the output and its input
+gradient in a gradient buffer of the chain's own (Algorithm 1 in DESIGN.md): F and G run
+twice per step, activation memory does not grow with depth.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from .replay import Recorder, run_checked, run_side_effect_free
 
@@ -35,8 +36,8 @@ def trainable_parameters(blocks):
 class ReversibleChainFunction(torch.autograd.Function):
     """``y = blocks[-1](...blocks[0](x))``, saving only ``y``.
 
-    After backward, the storage of ``y`` holds the rebuilt input ``x``: the output must not
-    be read after its backward (autograd raises if a retained graph tries to).
+    Backward rebuilds the inputs in a copy of ``y`` (one activation-sized buffer, whatever
+    the depth), so the output stays valid after backward and a retained graph can run again.
     """
 
     @staticmethod
@@ -51,12 +52,14 @@ class ReversibleChainFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
-        (y,) = ctx.saved_tensors
+        x = ctx.saved_tensors[0].clone()  # becomes each block's input in turn, ending as x
         grad = grad_y.clone(memory_format=torch.contiguous_format)
         param_grads = [None] * len(ctx.param_index)
+        vjp = ctx.recorder.replay_reversed()
         for block in reversed(ctx.blocks):
-            for p, g in block.backward_inplace(y, grad, ctx.recorder.vjp):
+            for p, g in block.backward_inplace(x, grad, vjp):
                 i = ctx.param_index.get(id(p))
                 if g is not None and i is not None:
                     param_grads[i] = g if param_grads[i] is None else param_grads[i] + g

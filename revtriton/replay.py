@@ -34,7 +34,7 @@ def check_output(name, out, x):
 @contextlib.contextmanager
 def buffers_kept(module):
     """Run a block of code, then put ``module``'s buffers back as they were (BatchNorm stats)."""
-    buffers = list(module.buffers()) if isinstance(module, torch.nn.Module) else []
+    buffers = list(module.buffers())
     saved = [b.clone() for b in buffers]
     try:
         yield
@@ -58,7 +58,13 @@ def run_side_effect_free(name, module, x):
 
 
 class Recorder:
-    """Runs a chain's F/G calls in forward and replays them, reversed, in backward."""
+    """Runs a chain's F/G calls in forward and replays them, reversed, in backward.
+
+    Each forward call records the parameters it used (references, not copies) and, when it
+    drew random numbers, the RNG state it started from. The recompute calls the module with
+    exactly those parameters (``torch.func.functional_call``), so gradients reach the tensors
+    the forward used even if the module's parameters were swapped since (torch.func, FSDP).
+    """
 
     def __init__(self, device, preserve_rng_state=True):
         self.device = device
@@ -66,20 +72,21 @@ class Recorder:
         device_types = {"cpu", device.type}
         self.autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in device_types}
         self.autocast_cache = torch.is_autocast_cache_enabled()
-        self.rng_states = []
+        self.calls = []  # (parameters by name, RNG state or None) per forward call
 
     def _rng_state(self):
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return torch.get_rng_state(), cuda
 
     def forward(self, name, module, x):
-        """``module(x)`` in the chain's forward; remember its RNG state if it drew numbers."""
+        """``module(x)`` in the chain's forward, recorded for its recompute."""
         before = self._rng_state() if self.preserve_rng_state else None
         out = run_checked(name, module, x)
         if before is not None:
             after = self._rng_state()
             drew = not all(a is None or torch.equal(a, b) for a, b in zip(before, after))
-            self.rng_states.append(before if drew else None)
+            before = before if drew else None
+        self.calls.append((dict(module.named_parameters()), before))
         return out
 
     @contextlib.contextmanager
@@ -96,20 +103,28 @@ class Recorder:
                                                    cache_enabled=self.autocast_cache))
             yield
 
-    def vjp(self, module, x, grad):
+    def replay_reversed(self):
+        """A ``vjp(module, x, grad)`` for one backward: it replays the forward's calls from
+        the last to the first (a retained graph replays them again on its next backward)."""
+        calls = reversed(self.calls)
+
+        def vjp(module, x, grad):
+            return self._vjp(module, x, grad, *next(calls))
+
+        return vjp
+
+    def _vjp(self, module, x, grad, params, rng_state):
         """Recompute ``out = module(x)`` as in forward and pull ``grad`` back through it.
 
         Returns ``(out, dL/dx, [(param, dL/dparam), ...])`` with ``out`` detached; a gradient
-        is None where ``out`` does not depend on that input. Calls must come in the reverse
-        order of the forward's.
+        is None where ``out`` does not depend on that input.
         """
-        rng_state = self.rng_states.pop() if self.preserve_rng_state else None
         leaf = x.detach().requires_grad_()
-        params = [p for p in module.parameters() if p.requires_grad] if isinstance(module, torch.nn.Module) else []
+        trainable = [p for p in params.values() if p.requires_grad]
         with buffers_kept(module):  # restored after the vjp: BatchNorm saves them for backward
             with torch.enable_grad(), self._replayed(rng_state):
-                out = module(leaf)
+                out = torch.func.functional_call(module, params, (leaf,), strict=False)
             if not out.requires_grad:
                 return out.detach(), None, []
-            grads = torch.autograd.grad(out, [leaf, *params], grad.to(out.dtype), allow_unused=True)
-        return out.detach(), grads[0], list(zip(params, grads[1:]))
+            grads = torch.autograd.grad(out, [leaf, *trainable], grad.to(out.dtype), allow_unused=True)
+        return out.detach(), grads[0], list(zip(trainable, grads[1:]))

@@ -18,9 +18,10 @@ class ReversibleSequential(nn.Sequential):
         reversible: ``False`` runs the same blocks with plain autograd, keeping every
             activation: a debugging switch to compare against the reversible path.
 
-    The output's storage is reused by backward: after ``backward()`` it holds the chain's
-    input, so do not read the output after its backward. The caller's input is never
-    modified. torch.compile graph-breaks around the chain (F and G run eagerly inside).
+    Neither the caller's input nor the chain's output is modified: backward rebuilds the
+    inputs in a copy of the output (one activation-sized buffer, whatever the depth), so
+    ``inverse(y)`` still works after ``backward()``. torch.compile graph-breaks around the
+    chain (F and G run eagerly inside).
     """
 
     def __init__(self, *blocks, preserve_rng_state=True, reversible=True):

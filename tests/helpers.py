@@ -1,0 +1,46 @@
+"""Shared test helpers: small F/G modules, an independent eager twin, error measures."""
+import copy
+
+import torch
+from torch import nn
+
+import revtriton as rt
+
+
+def conv_unit(c):
+    """The RevNet basic unit on ``c`` channels: BatchNorm-ReLU-Conv3x3."""
+    return nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, bias=False))
+
+
+def mlp(d):
+    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+
+def conv_chain(depth, channels=4):
+    return rt.ReversibleSequential(*[rt.ReversibleBlock(conv_unit(channels // 2), conv_unit(channels // 2), dim=1)
+                                     for _ in range(depth)])
+
+
+def eager_twin(chain):
+    """A deep copy of ``chain`` as a plain function of autograd ops: ``x1, x2 = chunk``,
+    ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``, ``cat`` per block."""
+    twin = copy.deepcopy(chain)
+
+    def run(x):
+        for block in twin:
+            x1, x2 = x.chunk(2, dim=block.dim)
+            y1 = x1 + block.f(x2)
+            x = torch.cat([y1, x2 + block.g(y1)], dim=block.dim)
+        return x
+
+    return twin, run
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def loss_of(y):
+    """A loss whose gradient differs per element (a plain sum would hide mistakes)."""
+    w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
+    return (y * w).sum() + y.square().mean()

@@ -1,0 +1,137 @@
+"""ReversibleBlock and ReversibleSequential: gradients, inverse, memory, input safety."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import revtriton as rt
+from helpers import conv_chain, conv_unit, eager_twin, loss_of, mlp, rel_err
+
+
+def _gradcheck_module(module, x):
+    """gradcheck with respect to the input and every parameter of ``module``."""
+    names = [n for n, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+
+    def fn(x, *params):
+        return functional_call(module, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+def test_gradcheck_block_float64():
+    block = rt.ReversibleBlock(nn.Conv2d(1, 1, 3, padding=1), nn.Sequential(nn.Tanh(), nn.Conv2d(1, 1, 1)))
+    _gradcheck_module(block.double(), torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True))
+
+
+def test_gradcheck_chain_of_three_float64():
+    chain = rt.ReversibleSequential(*[rt.ReversibleBlock(mlp(2), mlp(2), dim=-1) for _ in range(3)])
+    _gradcheck_module(chain.double(), torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True))
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: conv_chain(32), (2, 4, 5, 5)),
+    (lambda: rt.ReversibleSequential(*[rt.ReversibleBlock(mlp(8), mlp(8), dim=-1) for _ in range(32)]), (2, 5, 16)),
+], ids=["conv-nchw-dim1", "mlp-tokens-dim-1"])
+def test_gradients_match_eager_at_depth_32(make, shape):
+    chain = make()
+    twin, eager = eager_twin(chain)
+    x = torch.randn(shape, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_()
+    loss_of(chain(x)).backward()
+    loss_of(eager(x_twin)).backward()
+    assert rel_err(x.grad, x_twin.grad) <= 1e-5
+    for (name, p), q in zip(chain.named_parameters(), twin.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-5, name
+
+
+def test_inverse_of_forward_is_the_input_at_depth_32():
+    chain = conv_chain(32)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        y = chain(x)
+    assert rel_err(chain.inverse(y), x) <= 1e-5
+    block = rt.ReversibleBlock(mlp(3), mlp(3), dim=-1)
+    assert rel_err(block.inverse(block(x.view(2, 10, 10)[..., :6]).detach()), x.view(2, 10, 10)[..., :6]) <= 1e-6
+
+
+def test_inverse_does_not_touch_its_argument_or_batchnorm_statistics():
+    chain = conv_chain(3)
+    y = torch.randn(2, 4, 5, 5)
+    y_before, stats_before = y.clone(), [b.clone() for b in chain.buffers()]
+    chain.inverse(y)
+    assert torch.equal(y, y_before)
+    assert all(torch.equal(a, b) for a, b in zip(chain.buffers(), stats_before))
+
+
+def test_saved_bytes_do_not_grow_with_depth_while_eager_does():
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    saved = {}
+    for depth in (4, 32):
+        chain = conv_chain(depth)
+        _, saved["reversible", depth] = rt.saved_activation_bytes(chain, x)
+        _, saved["eager", depth] = rt.saved_activation_bytes(eager_twin(chain)[1], x)
+    output_bytes = x.numel() * x.element_size()
+    assert saved["reversible", 4] == saved["reversible", 32] == output_bytes
+    assert saved["eager", 32] > 7 * saved["eager", 4] > 7 * output_bytes
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_input_is_not_modified_by_forward_or_backward(requires_grad):
+    chain = conv_chain(4)
+    x = torch.randn(2, 4, 5, 5, requires_grad=requires_grad)
+    x_before = x.detach().clone()
+    y = chain(x)
+    assert torch.equal(x.detach(), x_before)
+    loss_of(y).backward()
+    assert torch.equal(x.detach(), x_before)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_without_grad_the_chain_runs_forward_only(mode):
+    chain = conv_chain(4).eval()
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    with mode():
+        y = chain(x)
+    assert y.grad_fn is None and not y.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(y, eager_twin(chain)[1](x))
+
+
+def test_chains_compose_with_ordinary_layers():
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), conv_chain(2), nn.Conv2d(4, 8, 3, stride=2, padding=1),
+        rt.ReversibleSequential(rt.ReversibleBlock(conv_unit(4), conv_unit(4))),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    twin = copy.deepcopy(net)
+    for chain in twin:
+        if isinstance(chain, rt.ReversibleSequential):
+            chain.reversible = False  # the debugging switch: plain autograd, same blocks
+    x = torch.randn(2, 3, 6, 6)
+    loss_of(net(x)).backward()
+    loss_of(twin(x)).backward()
+    for (name, p), q in zip(net.named_parameters(), twin.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-5, name
+
+
+def test_output_is_intact_after_backward_so_inverse_still_rebuilds_the_input():
+    chain = conv_chain(4)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    y = chain(x)
+    y_before = y.detach().clone()
+    loss_of(y).backward()
+    assert torch.equal(y.detach(), y_before)
+    assert rel_err(chain.inverse(y.detach()), x.detach()) <= 1e-6
+
+
+def test_retained_graph_runs_backward_twice_with_equal_gradients():
+    chain = conv_chain(3)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    loss = loss_of(chain(x))
+    loss.backward(retain_graph=True)
+    first = [x.grad.clone()] + [p.grad.clone() for p in chain.parameters()]
+    loss.backward()
+    second = [x.grad] + [p.grad for p in chain.parameters()]
+    assert all(torch.allclose(b, 2 * a, rtol=1e-6, atol=1e-7) for a, b in zip(first, second))

@@ -1,0 +1,121 @@
+"""The Triton kernels (through the interpreter on CPU) against float64 references."""
+import pytest
+import torch
+
+from conftest import requires_cuda
+from revtriton import kernels
+from revtriton.blocks import halves
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close_to_reference(out, ref):
+    """Rounded once from fp32: within one ulp of the output dtype (the interpreter truncates
+    bf16 stores instead of rounding, DESIGN.md)."""
+    ulp = torch.finfo(out.dtype).eps * ref.abs().clamp_min(1.0)
+    assert ((out.double() - ref).abs() <= ulp).all(), (out.double() - ref).abs().max()
+
+
+# (shape, dim): split along dim 1 of NCHW and the last dim of (batch, tokens, features),
+# with odd sizes that are not multiples of the block.
+SPLITS = [((3, 10, 5, 7), 1), ((2, 9, 14), -1), ((5, 6), 0), ((1, 2, 4099), 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim", SPLITS)
+def test_add_and_sub_update_one_half_in_place(dtype, shape, dim):
+    x = torch.randn(shape, dtype=dtype)
+    x1, x2 = halves(x, dim)
+    untouched = x2.clone()
+    b = torch.randn(x1.shape, dtype=dtype)
+    expected = x1.double() + b.double()
+    kernels.add_(x1, b)
+    assert_close_to_reference(x1, expected)
+    assert torch.equal(x2, untouched)
+    expected = x1.double() - b.double()
+    kernels.sub_(x1, b)
+    assert_close_to_reference(x1, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim", SPLITS)
+def test_fused_sub_add_rebuilds_and_accumulates_in_one_launch(dtype, shape, dim):
+    y, dy = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    (y1, y2), (dy1, dy2) = halves(y, dim), halves(dy, dim)
+    g, gy1 = torch.randn(y2.shape, dtype=dtype), torch.randn(y1.shape, dtype=dtype)
+    ref_y2, ref_dy1 = y2.double() - g.double(), dy1.double() + gy1.double()
+    y1_before, dy2_before = y1.clone(), dy2.clone()
+    kernels.sub_add_(y2, g, dy1, gy1)
+    assert_close_to_reference(y2, ref_y2)
+    assert_close_to_reference(dy1, ref_dy1)
+    assert torch.equal(y1, y1_before) and torch.equal(dy2, dy2_before)
+
+
+def test_mixed_dtypes_accumulate_in_fp32():
+    """A fp32 stream updated with a bf16 F output (autocast) stays exact in fp32."""
+    a = torch.randn(4, 33)
+    b = torch.randn(4, 33, dtype=torch.bfloat16)
+    expected = a.double() + b.double()
+    kernels.add_(a, b)
+    assert_close_to_reference(a, expected)
+
+
+def test_float64_is_computed_in_float64():
+    a, b = torch.randn(7, 9, dtype=torch.float64), torch.randn(7, 9, dtype=torch.float64)
+    expected = a + b
+    kernels.add_(a, b)
+    assert torch.equal(a, expected)
+
+
+def test_non_contiguous_read_only_operand_is_handled():
+    a = torch.randn(6, 5)
+    b = torch.randn(5, 6).t()  # transposed: no unit stride along the last dim
+    expected = a.double() + b.double()
+    kernels.add_(a, b)
+    assert_close_to_reference(a, expected)
+
+
+def test_strided_mutated_operand_is_handled():
+    base = torch.randn(4, 6, 8)
+    a = base[:, ::2, :]  # rows of 8 with a row stride of 16
+    b = torch.randn(a.shape)
+    expected = a.double() + b.double()
+    kernels.add_(a, b)
+    assert_close_to_reference(a, expected)
+
+
+def test_transposed_mutated_operand_is_refused_with_a_clear_error():
+    a = torch.randn(5, 6).t()
+    with pytest.raises(ValueError, match="strided rows"):
+        kernels.add_(a, torch.randn(6, 5))
+
+
+def test_empty_tensors_are_a_no_op():
+    a = torch.empty(0, 4)
+    kernels.sub_add_(a, a.clone(), a.clone(), a.clone())
+    assert a.shape == (0, 4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernels_match_reference(dtype):
+    y = torch.randn(8, 64, 33, 17, device="cuda", dtype=dtype)
+    y1, y2 = halves(y, 1)
+    g = torch.randn(y2.shape, device="cuda", dtype=dtype)
+    ref = y2.double() - g.double()
+    kernels.sub_add_(y2, g, y1, g)
+    assert_close_to_reference(y2, ref)
+
+
+@requires_cuda
+def test_cuda_64_bit_offsets():
+    """A half of over 2**31 elements: its tail lies beyond any 32-bit offset."""
+    n = 2**31 + 4096
+    try:
+        y = torch.zeros(2, n, device="cuda", dtype=torch.float16)
+        b = torch.ones(1, n, device="cuda", dtype=torch.float16)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for two 2**31-element halves")
+    y1, y2 = halves(y, 0)
+    kernels.add_(y2, b)
+    assert y2[0, -8:].eq(1).all() and y2[0, :8].eq(1).all() and y1[0, -8:].eq(0).all()
