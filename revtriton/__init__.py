@@ -5,7 +5,8 @@
 """
 from . import ops
 from .blocks import ReversibleBlock
+from .drift import reconstruction_error
 from .memory import saved_activation_bytes
 from .sequential import ReversibleSequential
 
-__all__ = ["ReversibleBlock", "ReversibleSequential", "saved_activation_bytes", "ops"]
+__all__ = ["ReversibleBlock", "ReversibleSequential", "reconstruction_error", "saved_activation_bytes", "ops"]
