@@ -55,7 +55,10 @@ def row_layout(tensors, mutated):
             n_cols = math.prod(shape[d] for d in dims[len(outer):])
             return math.prod(shape[d] for d in outer), n_cols, tensors, strides
         if any(i in mutated for i in bad) and all(tensors[i].is_contiguous() for i in bad if i not in mutated):
-            i = next(i for i in bad if i in mutated)
+            strides = [_row_stride(t, dims) for t in tensors]  # rows of one element: halves of (N, 2)
+            if None not in strides:
+                return math.prod(shape[d] for d in dims), 1, tensors, strides
+            i = strides.index(None)
             raise ValueError(
                 f"in-place coupling needs a tensor addressable as strided rows with unit stride "
                 f"inside each row; got shape {tuple(shape)} with strides {tensors[i].stride()}: "

@@ -2,10 +2,14 @@
 
 A block implements three in-place steps that :mod:`revtriton.function` drives:
 
-- ``forward_inplace(x, run)``: x becomes y.
+- ``forward_inplace(x, run, log_det)``: x becomes y; unless ``log_det`` is None, the block
+  adds its log|det dy/dx| per sample (index of dim 0) to that tensor in place.
 - ``inverse_inplace(y, run)``: y becomes x.
-- ``backward_inplace(y, dy, vjp)``: y becomes x and dy becomes dx (Algorithm 1, DESIGN.md);
-  returns the parameter gradients as ``[(param, grad), ...]``.
+- ``backward_inplace(y, dy, vjp, log_det_grad)``: y becomes x and dy becomes dx (Algorithm 1,
+  DESIGN.md), counting the per-sample gradient ``log_det_grad`` of the log-determinant (or
+  None); returns the parameter gradients as ``[(param, grad), ...]``.
+
+``eager_forward(x, log_det=None)`` computes the same with plain autograd (for debugging).
 
 ``run(name, module, input)`` and ``vjp(module, input, grad)`` call F and G; the chain picks
 them so that the recompute replays the forward's RNG and autocast state.
@@ -99,7 +103,7 @@ class ReversibleBlock(nn.Module):
 
         return invert_chain((self,), y)
 
-    def forward_inplace(self, x, run):
+    def forward_inplace(self, x, run, log_det=None):  # volume-preserving: adds 0 to log_det
         x1, x2 = halves(x, self.dim)
         ops.coupling_forward(x1, run("f", self.f, x2))
         ops.coupling_forward(x2, run("g", self.g, x1))
@@ -109,7 +113,7 @@ class ReversibleBlock(nn.Module):
         ops.coupling_inverse(y2, run("g", self.g, y1))
         ops.coupling_inverse(y1, run("f", self.f, y2))
 
-    def backward_inplace(self, y, dy, vjp):
+    def backward_inplace(self, y, dy, vjp, log_det_grad=None):
         y1, y2 = halves(y, self.dim)
         dy1, dy2 = halves(dy, self.dim)
         g, g_y1, g_params = vjp(self.g, y1, dy2)
@@ -118,7 +122,7 @@ class ReversibleBlock(nn.Module):
         _rebuild_(y1, f, dy2, f_x2)      # x1 = y1 - F(x2);  dx2 = dy2 + dF/dx2^T dy1
         return f_params + g_params
 
-    def eager_forward(self, x):
+    def eager_forward(self, x, log_det=None):
         """The same function with plain autograd, keeping every activation (for debugging)."""
         x1, x2 = halves(x, self.dim)
         y1 = x1 + self.f(x2)

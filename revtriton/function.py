@@ -23,6 +23,17 @@ def check_chain_input(blocks, x):
         block.check_input(x)
 
 
+def new_log_det(blocks, x):
+    """A zero log-determinant per sample of ``x`` (index of dim 0) for ``blocks`` to add to, in
+    fp32 (fp64 for fp64 inputs). Raises a ValueError if a block splits dim 0."""
+    for block in blocks:
+        if x.ndim < 2 or block.dim % x.ndim == 0:
+            raise ValueError(f"log_det=True sums the log-determinant per sample (per index of dim 0); got a "
+                             f"block splitting dim={block.dim} of an input of shape {tuple(x.shape)}: expected "
+                             f"dim 0 to index samples and every block to split another dimension")
+    return torch.zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+
+
 def trainable_parameters(blocks):
     """The distinct parameters of ``blocks`` that require grad, in order."""
     seen = {}
@@ -34,41 +45,44 @@ def trainable_parameters(blocks):
 
 
 class ReversibleChainFunction(torch.autograd.Function):
-    """``y = blocks[-1](...blocks[0](x))``, saving only ``y``.
+    """``y = blocks[-1](...blocks[0](x))``, saving only ``y``; with ``log_det``, also the
+    per-sample log|det dy/dx|, whose gradient flows into the blocks' backward steps.
 
     Backward rebuilds the inputs in a copy of ``y`` (one activation-sized buffer, whatever
     the depth), so the output stays valid after backward and a retained graph can run again.
     """
 
     @staticmethod
-    def forward(ctx, x, blocks, preserve_rng_state, *params):
+    def forward(ctx, x, blocks, preserve_rng_state, log_det, *params):
         recorder = Recorder(x.device, preserve_rng_state)
         y = x.detach().clone(memory_format=torch.contiguous_format)
+        ld = new_log_det(blocks, x) if log_det else None
         for block in blocks:
-            block.forward_inplace(y, recorder.forward)
+            block.forward_inplace(y, recorder.forward, ld)
         ctx.blocks, ctx.recorder = blocks, recorder
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
         ctx.save_for_backward(y)
-        return y
+        return (y, ld) if log_det else y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, grad_log_det=None):
         x = ctx.saved_tensors[0].clone()  # becomes each block's input in turn, ending as x
         grad = grad_y.clone(memory_format=torch.contiguous_format)
         param_grads = [None] * len(ctx.param_index)
         vjp = ctx.recorder.replay_reversed()
         for block in reversed(ctx.blocks):
-            for p, g in block.backward_inplace(x, grad, vjp):
+            for p, g in block.backward_inplace(x, grad, vjp, grad_log_det):
                 i = ctx.param_index.get(id(p))
                 if g is not None and i is not None:
                     param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
-        return (grad if ctx.needs_input_grad[0] else None, None, None, *param_grads)
+        return (grad if ctx.needs_input_grad[0] else None, None, None, None, *param_grads)
 
 
 @torch.compiler.disable
-def reversible_chain(blocks, x, preserve_rng_state=True):
-    """Run ``blocks`` on ``x`` reversibly. Without grad, no recompute state is kept.
+def reversible_chain(blocks, x, preserve_rng_state=True, log_det=False):
+    """Run ``blocks`` on ``x`` reversibly. Without grad, no recompute state is kept. With
+    ``log_det``, return ``(y, log|det dy/dx| per sample)``.
 
     torch.compile does not trace into the chain (a graph break): F and G run eagerly, and
     the coupling ops they feed are the ones a compiled F or G can use.
@@ -76,12 +90,13 @@ def reversible_chain(blocks, x, preserve_rng_state=True):
     check_chain_input(blocks, x)
     params = trainable_parameters(blocks)
     if torch.is_grad_enabled() and (x.requires_grad or params):
-        return ReversibleChainFunction.apply(x, tuple(blocks), preserve_rng_state, *params)
+        return ReversibleChainFunction.apply(x, tuple(blocks), preserve_rng_state, log_det, *params)
     y = x.detach().clone(memory_format=torch.contiguous_format)
+    ld = new_log_det(blocks, x) if log_det else None
     with torch.no_grad():
         for block in blocks:
-            block.forward_inplace(y, run_checked)
-    return y
+            block.forward_inplace(y, run_checked, ld)
+    return (y, ld) if log_det else y
 
 
 @torch.no_grad()

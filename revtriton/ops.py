@@ -13,7 +13,12 @@ op                                     computes                              ker
 ``coupling_inverse(a!, b)``            ``a -= b``      (x1 = y1 - F(x2))      ``sub_``
 ``coupling_backward(a!, b, c!, d)``    ``a -= b; c += d`` in one pass         ``sub_add_``
 =====================================  ====================================  ==========
+
+The affine and momentum couplings' ops (``affine_*``, ``momentum_*``, at the bottom) launch
+the kernels of the same names in :mod:`revtriton.kernels.affine` and
+:mod:`revtriton.kernels.momentum`, whose docstrings give their math.
 """
+import math
 import os
 
 import torch
@@ -24,47 +29,57 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check(op, names, tensors):
-    """Same shape and device and a floating dtype for every operand, or a clear error."""
-    first = tensors[0]
-    for name, t in zip(names, tensors):
+def _check(op, names, args, per_sample=()):
+    """Same shape and device and a floating dtype for every operand, or a clear error.
+
+    The ``per_sample`` operands following the ``names`` ones in ``args`` hold one value per
+    index of dim 0 of the first operand, or are None.
+    """
+    first = args[0]
+    expected = [(name, t, first.shape, f"the shape of {names[0]}") for name, t in zip(names, args)]
+    expected += [(name, t, first.shape[:1], f"one value per index of dim 0 of {names[0]}")
+                 for name, t in zip(per_sample, args[len(names):]) if t is not None]
+    for name, t, shape, meaning in expected:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"revtriton::{op}: {name} is {got}; expected a floating-point tensor")
-        if t.shape != first.shape:
+        if t.shape != shape:
             raise ValueError(f"revtriton::{op}: {name} has shape {tuple(t.shape)}; expected "
-                             f"{tuple(first.shape)}, the shape of {names[0]}")
+                             f"{tuple(shape)}, {meaning}")
         if t.device != first.device:
             raise ValueError(f"revtriton::{op}: {name} is on {t.device}; expected {first.device}, "
                              f"the device of {names[0]}")
 
 
-def define(name, names, mutated, kernel, reference):
+def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
     """Register ``revtriton::name`` over the launcher ``revtriton.kernels.<kernel>``.
 
     ``names`` are the tensor arguments in order, ``mutated`` the ones written in place and
-    ``reference`` the PyTorch computation used on CPU outside the interpreter.
+    ``reference`` the PyTorch computation used on CPU outside the interpreter. Optional
+    ``per_sample`` tensors (one value per index of dim 0 of the first tensor, or None) and
+    ``float`` arguments named in ``scalars`` follow the tensors, in that order.
     """
-    schema = "(" + ", ".join(
-        f"Tensor({n}!) {n}" if n in mutated else f"Tensor {n}" for n in names) + ") -> ()"
+    args = [f"Tensor({n}!) {n}" if n in mutated else f"Tensor {n}" for n in names]
+    args += [f"Tensor({n}!)? {n}" if n in mutated else f"Tensor? {n}" for n in per_sample]
+    schema = "(" + ", ".join(args + [f"float {n}" for n in scalars]) + ") -> ()"
 
-    def launch(*tensors):
+    def launch(*args):
         from revtriton import kernels
 
-        getattr(kernels, kernel)(*tensors)
+        getattr(kernels, kernel)(*args)
 
-    def cpu(*tensors):
-        _check(name, names, tensors)
-        (launch if interpreting() else reference)(*tensors)
+    def cpu(*args):
+        _check(name, names, args, per_sample)
+        (launch if interpreting() else reference)(*args)
 
-    def cuda(*tensors):
-        _check(name, names, tensors)
-        launch(*tensors)
+    def cuda(*args):
+        _check(name, names, args, per_sample)
+        launch(*args)
 
     op = torch.library.custom_op(f"revtriton::{name}", cpu, mutates_args=mutated,
                                  device_types="cpu", schema=schema)
     op.register_kernel("cuda")(cuda)
-    op.register_fake(lambda *tensors: None)
+    op.register_fake(lambda *args: None)
     return op
 
 
@@ -76,3 +91,86 @@ def _sub_add(a, b, c, d):
 coupling_forward = define("coupling_forward", ("a", "b"), ("a",), "add_", torch.Tensor.add_)
 coupling_inverse = define("coupling_inverse", ("a", "b"), ("a",), "sub_", torch.Tensor.sub_)
 coupling_backward = define("coupling_backward", ("a", "b", "c", "d"), ("a", "c"), "sub_add_", _sub_add)
+
+
+def soft_clamp(s, clamp):
+    """``clamp * tanh(s / clamp)``: the affine coupling's log-scale, ~s for |s| << clamp and
+    always inside (-clamp, clamp), so that ``exp`` of it never overflows."""
+    return clamp * torch.tanh(s / clamp)
+
+
+def _acc(*tensors):
+    """``tensors`` in the kernels' arithmetic dtype: fp64 if any is fp64, fp32 otherwise."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return [t.to(dtype) for t in tensors]
+
+
+def per_sample_sum(t):
+    """The sum of ``t`` over every dimension but the first (one value per sample)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).sum(1)
+
+
+def _affine_forward(x, s, t, ld, clamp):
+    x_, s_, t_ = _acc(x, s, t)
+    s_ = soft_clamp(s_, clamp)
+    x.copy_(x_ * s_.exp() + t_)
+    if ld is not None:
+        ld += per_sample_sum(s_)
+
+
+def _affine_inverse(y, s, t, clamp):
+    y_, s_, t_ = _acc(y, s, t)
+    y.copy_((y_ - t_) / soft_clamp(s_, clamp).exp())
+
+
+def _affine_backward(y, dy, s, t, ds, ld_grad, clamp):
+    y_, dy_, s_, t_ = _acc(y, dy, s, t)
+    th = torch.tanh(s_ / clamp)
+    scale, shifted = (clamp * th).exp(), y_ - t_
+    grad = dy_ * shifted
+    if ld_grad is not None:
+        grad += ld_grad.to(grad.dtype).view(-1, *[1] * (y.ndim - 1))
+    y.copy_(shifted / scale)
+    dy.copy_(dy_ * scale)
+    ds.copy_(grad * (1 - th * th))
+
+
+def _momentum_forward(x, v, f, beta):
+    x_, v_, f_ = _acc(x, v, f)
+    v_ = beta * v_ + (1 - beta) * f_
+    v.copy_(v_)
+    x.copy_(x_ + v_)
+
+
+def _momentum_inverse(v, f, beta):
+    v_, f_ = _acc(v, f)
+    v.copy_((v_ - (1 - beta) * f_) / beta)
+
+
+def _momentum_backward_x(x, v, dx, dv, beta):
+    x_, v_, dx_, dv_ = _acc(x, v, dx, dv)
+    x.copy_(x_ - v_)
+    dv.copy_((1 - beta) * (dx_ + dv_))
+
+
+def _momentum_backward_v(v, f, dx, fx, dv, beta):
+    _momentum_inverse(v, f, beta)
+    dx_, fx_, dv_ = _acc(dx, fx, dv)
+    dx.copy_(dx_ + fx_)
+    dv.copy_(dv_ * (beta / (1 - beta)))
+
+
+affine_forward = define("affine_forward", ("x", "s", "t"), ("x", "ld"), "affine_forward_", _affine_forward,
+                        per_sample=("ld",), scalars=("clamp",))
+affine_inverse = define("affine_inverse", ("y", "s", "t"), ("y",), "affine_inverse_", _affine_inverse,
+                        scalars=("clamp",))
+affine_backward = define("affine_backward", ("y", "dy", "s", "t", "ds"), ("y", "dy", "ds"), "affine_backward_",
+                         _affine_backward, per_sample=("ld_grad",), scalars=("clamp",))
+momentum_forward = define("momentum_forward", ("x", "v", "f"), ("x", "v"), "momentum_forward_", _momentum_forward,
+                          scalars=("beta",))
+momentum_inverse = define("momentum_inverse", ("v", "f"), ("v",), "momentum_inverse_", _momentum_inverse,
+                          scalars=("beta",))
+momentum_backward_x = define("momentum_backward_x", ("x", "v", "dx", "dv"), ("x", "dv"), "momentum_backward_x_",
+                             _momentum_backward_x, scalars=("beta",))
+momentum_backward_v = define("momentum_backward_v", ("v", "f", "dx", "fx", "dv"), ("v", "dx", "dv"),
+                             "momentum_backward_v_", _momentum_backward_v, scalars=("beta",))

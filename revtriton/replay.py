@@ -117,13 +117,16 @@ class Recorder:
         """Recompute ``out = module(x)`` as in forward and pull ``grad`` back through it.
 
         Returns ``(out, dL/dx, [(param, dL/dparam), ...])`` with ``out`` detached; a gradient
-        is None where ``out`` does not depend on that input.
+        is None where ``out`` does not depend on that input. ``grad`` may be a function of the
+        detached ``out`` that returns the gradient (an affine coupling's scale needs ``out``).
         """
         leaf = x.detach().requires_grad_()
         trainable = [p for p in params.values() if p.requires_grad]
         with buffers_kept(module):  # restored after the vjp: BatchNorm saves them for backward
             with torch.enable_grad(), self._replayed(rng_state):
                 out = torch.func.functional_call(module, params, (leaf,), strict=False)
+            if callable(grad):
+                grad = grad(out.detach())
             if not out.requires_grad:
                 return out.detach(), None, []
             grads = torch.autograd.grad(out, [leaf, *trainable], grad.to(out.dtype), allow_unused=True)

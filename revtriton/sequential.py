@@ -1,7 +1,7 @@
 """ReversibleSequential: a chain of reversible blocks run as one autograd node."""
 from torch import nn
 
-from .function import invert_chain, reversible_chain
+from .function import invert_chain, new_log_det, reversible_chain
 
 
 class ReversibleSequential(nn.Sequential):
@@ -17,6 +17,9 @@ class ReversibleSequential(nn.Sequential):
             dropout masks match the forward (free when F and G draw no random numbers).
         reversible: ``False`` runs the same blocks with plain autograd, keeping every
             activation: a debugging switch to compare against the reversible path.
+        log_det: ``True`` makes forward return ``(y, log_det)``, the log|det dy/dx| of each
+            sample (dim 0 indexes samples) with its gradient, for normalizing flows: 0 for
+            additive blocks. Float32 for float16/bfloat16 inputs.
 
     Neither the caller's input nor the chain's output is modified: backward rebuilds the
     inputs in a copy of the output (one activation-sized buffer, whatever the depth), so
@@ -24,7 +27,7 @@ class ReversibleSequential(nn.Sequential):
     chain (F and G run eagerly inside).
     """
 
-    def __init__(self, *blocks, preserve_rng_state=True, reversible=True):
+    def __init__(self, *blocks, preserve_rng_state=True, reversible=True, log_det=False):
         for i, block in enumerate(blocks):
             if not callable(getattr(block, "backward_inplace", None)):
                 raise TypeError(f"blocks[{i}] is {type(block).__name__}; expected a reversible block "
@@ -32,13 +35,15 @@ class ReversibleSequential(nn.Sequential):
         super().__init__(*blocks)
         self.preserve_rng_state = preserve_rng_state
         self.reversible = reversible
+        self.log_det = log_det
 
     def forward(self, x):
         if not self.reversible:
+            log_det = new_log_det(tuple(self), x) if self.log_det else None
             for block in self:
-                x = block.eager_forward(x)
-            return x
-        return reversible_chain(tuple(self), x, self.preserve_rng_state)
+                x = block.eager_forward(x, log_det)
+            return (x, log_det) if self.log_det else x
+        return reversible_chain(tuple(self), x, self.preserve_rng_state, self.log_det)
 
     def inverse(self, y):
         """Rebuild the chain's input from its output ``y`` (no gradient; ``y`` is kept)."""
