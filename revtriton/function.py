@@ -34,6 +34,32 @@ def new_log_det(blocks, x):
     return torch.zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
 
 
+def check_no_fsdp_unit_inside(blocks):
+    """Refuse FSDP2 units (``fully_shard``) inside the chain, before any state changes.
+
+    The chain runs its blocks without calling them and recomputes F and G in backward with
+    the parameters the forward used: FSDP hooks on a block are bypassed (its parameters stay
+    sharded) and those on F or G swap the parameters under the recompute (their gradients
+    would be silently lost). A unit enclosing the whole chain works: the ReversibleSequential,
+    a ReversibleBlock called on its own, or any module holding them.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    for i, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            # a block is fine as a unit when its own call gathered its parameters (block(x))
+            if isinstance(module, FSDPModule) and (name or any(isinstance(p, DTensor) for p in module.parameters())):
+                where = f"blocks[{i}]" + (f".{name}" if name else "")
+                raise RuntimeError(
+                    f"{where} ({type(module).__name__}) is an FSDP2 unit (fully_shard) inside a reversible "
+                    f"chain, whose hooks the chain bypasses when it runs and recomputes F and G itself; "
+                    f"apply fully_shard to the ReversibleSequential (or a module holding it) instead, "
+                    f"which gathers the chain's parameters around the whole chain")
+
+
 def trainable_parameters(blocks):
     """The distinct parameters of ``blocks`` that require grad, in order."""
     seen = {}
@@ -88,6 +114,7 @@ def reversible_chain(blocks, x, preserve_rng_state=True, log_det=False):
     the coupling ops they feed are the ones a compiled F or G can use.
     """
     check_chain_input(blocks, x)
+    check_no_fsdp_unit_inside(blocks)
     params = trainable_parameters(blocks)
     if torch.is_grad_enabled() and (x.requires_grad or params):
         return ReversibleChainFunction.apply(x, tuple(blocks), preserve_rng_state, log_det, *params)

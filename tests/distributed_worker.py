@@ -1,0 +1,146 @@
+"""The process side of tests/test_distributed.py: one training step of a small model holding a
+reversible chain, wrapped in DDP or FSDP2, on a gloo process group over loopback.
+
+Every rank builds the same model from the same seed and takes its slice of the same batch, so
+the averaged gradients must equal those of one process on the whole batch (:func:`reference`).
+Each scenario's gradients, or the error it raised, are saved per rank for the test to compare.
+"""
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import revtriton as rt
+
+BATCH, FEATURES, CLASSES = 4, 8, 3
+
+
+def unit(d):
+    return nn.Sequential(nn.Linear(d, d), nn.Tanh())
+
+
+class Model(nn.Module):
+    """Linear stem, three reversible blocks, linear head. With ``shared``, block 0's F is also
+    block 2's G: parameters shared between two blocks. No BatchNorm: its per-process batch
+    statistics would differ from whole-batch ones (SyncBatchNorm would be needed)."""
+
+    def __init__(self, unused=False, shared=True, one_chain=True):
+        super().__init__()
+        torch.manual_seed(0)
+        half = FEATURES // 2
+        units = [unit(half) for _ in range(6)]
+        if shared:
+            units[5] = units[0]
+        self.stem = nn.Linear(6, FEATURES)
+        blocks = [rt.ReversibleBlock(units[i], units[i + 1], dim=-1) for i in range(0, 6, 2)]
+        # one_chain=False calls the blocks one by one: each is a chain of its own
+        self.chain = rt.ReversibleSequential(*blocks) if one_chain else nn.Sequential(*blocks)
+        self.head = nn.Linear(FEATURES, CLASSES)
+        self.unused = nn.Linear(2, 2) if unused else None
+
+    def forward(self, x):
+        return self.head(self.chain(self.stem(x)))
+
+
+def batch():
+    return torch.randn(BATCH, 6, generator=torch.Generator().manual_seed(1))
+
+
+def loss_fn(y):
+    """A mean over samples, so that the average over ranks of their slice's loss gradient equals
+    the whole batch's; per-class weights keep the gradient different per element."""
+    w = torch.linspace(-1, 1, y.shape[-1])
+    return (y * w).sum(-1).mean() + y.square().mean()
+
+
+def reference(**model_kwargs):
+    """Parameter gradients of one process on the whole batch, by name."""
+    model = Model(**model_kwargs)
+    loss_fn(model(batch())).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def _full(t):
+    if t is None:
+        return None
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def _step(model, x, params):
+    """Zero the gradients, run forward and backward, return the gradients and how many times
+    each parameter's post-accumulate-grad hooks ran: under DDP, how many times autograd
+    accumulated into it, DDP's signal that it is ready (FSDP2 runs these hooks itself)."""
+    counts = {name: 0 for name, _ in params}
+
+    def counter(name):
+        def hook(_):
+            counts[name] += 1
+        return hook
+
+    handles = [p.register_post_accumulate_grad_hook(counter(name)) for name, p in params]
+    for _, p in params:
+        p.grad = None
+    loss_fn(model(x)).backward()
+    for h in handles:
+        h.remove()
+    return {name: _full(p.grad) for name, p in params}, counts
+
+
+def _ddp(**kwargs):
+    def wrap(model):
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, **kwargs), model
+    return wrap
+
+
+def _fsdp(units):
+    def wrap(model):
+        from torch.distributed.fsdp import fully_shard
+
+        for module in units(model):
+            fully_shard(module)
+        fully_shard(model)
+        return model, model
+    return wrap
+
+
+SCENARIOS = {  # name: (wrapper, Model's keyword arguments)
+    "ddp": (_ddp(), {}),
+    "ddp_find_unused": (_ddp(find_unused_parameters=True), {"unused": True}),
+    "fsdp2_root": (_fsdp(lambda m: []), {}),
+    "fsdp2_chain": (_fsdp(lambda m: [m.chain]), {}),
+    "fsdp2_per_block": (_fsdp(lambda m: list(m.chain)), {"shared": False}),
+    "fsdp2_per_block_called_alone": (_fsdp(lambda m: list(m.chain)), {"shared": False, "one_chain": False}),
+    "fsdp2_per_f_and_g": (_fsdp(lambda m: [u for b in m.chain for u in (b.f, b.g)]), {"shared": False}),
+}
+
+
+def run_scenario(name, rank, world):
+    wrap, model_kwargs = SCENARIOS[name]
+    wrapped, model = wrap(Model(**model_kwargs))
+    x = batch().chunk(world)[rank]
+    params = list(model.named_parameters())
+    # a second step fails under DDP if its reduction after the first did not finish
+    steps = [_step(wrapped, x, params) for _ in range(2)]
+    return {"grads": steps[-1][0], "counts": [s[1] for s in steps]}
+
+
+def worker(rank, world, port, out_dir, scenarios):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    results = {"env": {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")}}
+    try:
+        for name in scenarios:
+            try:
+                results[name] = run_scenario(name, rank, world)
+            except Exception as e:  # noqa: BLE001  (reported to the test, which decides)
+                results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            dist.barrier()
+    finally:
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.destroy_process_group()
