@@ -1,6 +1,8 @@
 """Reversible blocks: one coupling each, computed in place on a chain's stream buffer.
 
-A block implements three in-place steps that :mod:`revtriton.function` drives:
+A block implements three in-place steps that :mod:`revtriton.function` drives on a chain's
+stream: a ``(2, ...)`` buffer whose two contiguous entries are the halves of the input split
+along the block's ``dim`` (``x1, x2 = x``).
 
 - ``forward_inplace(x, run, log_det)``: x becomes y; unless ``log_det`` is None, the block
   adds its log|det dy/dx| per sample (index of dim 0) to that tensor in place.
@@ -104,18 +106,17 @@ class ReversibleBlock(nn.Module):
         return invert_chain((self,), y)
 
     def forward_inplace(self, x, run, log_det=None):  # volume-preserving: adds 0 to log_det
-        x1, x2 = halves(x, self.dim)
+        x1, x2 = x
         ops.coupling_forward(x1, run("f", self.f, x2))
         ops.coupling_forward(x2, run("g", self.g, x1))
 
     def inverse_inplace(self, y, run):
-        y1, y2 = halves(y, self.dim)
+        y1, y2 = y
         ops.coupling_inverse(y2, run("g", self.g, y1))
         ops.coupling_inverse(y1, run("f", self.f, y2))
 
     def backward_inplace(self, y, dy, vjp, log_det_grad=None):
-        y1, y2 = halves(y, self.dim)
-        dy1, dy2 = halves(dy, self.dim)
+        (y1, y2), (dy1, dy2) = y, dy
         g, g_y1, g_params = vjp(self.g, y1, dy2)
         _rebuild_(y2, g, dy1, g_y1)      # x2 = y2 - G(y1);  dy1 += dG/dy1^T dy2
         f, f_x2, f_params = vjp(self.f, y2, dy1)

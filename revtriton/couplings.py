@@ -76,9 +76,9 @@ class AffineBlock(_Coupling):
     def extra_repr(self):
         return f"dim={self.dim}, clamp={self.clamp}, swap={self.swap}"
 
-    def _halves(self, x):
-        """The conditioning half and the transformed half of ``x``."""
-        first, second = halves(x, self.dim)
+    def _halves(self, pair):
+        """The conditioning half and the transformed half of a pair of halves (a stream)."""
+        first, second = pair
         return (second, first) if self.swap else (first, second)
 
     def forward_inplace(self, x, run, log_det=None):
@@ -109,7 +109,7 @@ class AffineBlock(_Coupling):
 
     def eager_forward(self, x, log_det=None):
         """The same function with plain autograd, keeping every activation (for debugging)."""
-        x1, x2 = self._halves(x)
+        x1, x2 = self._halves(halves(x, self.dim))
         s = ops.soft_clamp(self.s(x1), self.clamp)
         y2 = x2 * s.exp() + self.t(x1)
         if log_det is not None:
@@ -149,19 +149,18 @@ class MomentumBlock(_Coupling):
         return math.prod(v.shape[1:]) * math.log(self.beta)
 
     def forward_inplace(self, xv, run, log_det=None):
-        x, v = halves(xv, self.dim)
+        x, v = xv
         ops.momentum_forward(x, v, run("f", self.f, x), self.beta)
         if log_det is not None:
             log_det += self._log_det(v)
 
     def inverse_inplace(self, y, run):
-        x, v = halves(y, self.dim)
+        x, v = y
         ops.coupling_inverse(x, v)  # x = x' - v'
         ops.momentum_inverse(v, run("f", self.f, x), self.beta)
 
     def backward_inplace(self, y, dy, vjp, log_det_grad=None):  # log|det| is constant
-        x, v = halves(y, self.dim)
-        dx, dv = halves(dy, self.dim)
+        (x, v), (dx, dv) = y, dy
         ops.momentum_backward_x(x, v, dx, dv, self.beta)  # x = x' - v', dv = (1 - beta)(dx' + dv')
         f, f_x, f_params = vjp(self.f, x, dv)
         ops.momentum_backward_v(v, f, dx, torch.zeros_like(f) if f_x is None else f_x, dv, self.beta)

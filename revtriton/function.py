@@ -1,15 +1,28 @@
 """One autograd node for a whole chain of reversible blocks.
 
-Forward copies the input once into a stream buffer and runs every block in place on it,
-without autograd; only that buffer (the chain's output) is saved. Backward walks the blocks
-in reverse, rebuilding each block's input in place in a copy of the output and its input
-gradient in a gradient buffer of the chain's own (Algorithm 1 in DESIGN.md): F and G run
-twice per step, activation memory does not grow with depth.
+Forward copies the input once into a stream: its two halves along ``dim``, stacked as one
+``(2, ...)`` buffer, so that each half is contiguous for F, G and the kernels. Every block
+runs in place on the stream, without autograd; the output is the stream joined back, and
+only the output is saved. Backward walks the blocks in reverse, rebuilding each block's
+input in place in a stream copied from the output and its input gradient in a gradient
+stream of the chain's own (Algorithm 1 in DESIGN.md): F and G run twice per step,
+activation memory does not grow with depth.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
+from .blocks import halves
 from .replay import Recorder, run_checked, run_side_effect_free
+
+
+def to_stream(x, dim):
+    """``x``'s two halves along ``dim`` as one contiguous ``(2, ...)`` buffer (a copy)."""
+    return torch.stack(halves(x.detach(), dim))
+
+
+def from_stream(stream, dim):
+    """The tensor whose halves along ``dim`` are ``stream[0]`` and ``stream[1]`` (a copy)."""
+    return torch.cat(tuple(stream), dim)
 
 
 def check_chain_input(blocks, x):
@@ -21,6 +34,10 @@ def check_chain_input(blocks, x):
                         f"bfloat16 or float64)")
     for block in blocks:
         block.check_input(x)
+    dims = sorted({block.dim % x.ndim for block in blocks})
+    if len(dims) > 1:
+        raise ValueError(f"the blocks of one chain split dims {dims} of the input; expected one dim for all "
+                         f"(a chain keeps its two halves as one stream)")
 
 
 def new_log_det(blocks, x):
@@ -74,17 +91,15 @@ class ReversibleChainFunction(torch.autograd.Function):
     """``y = blocks[-1](...blocks[0](x))``, saving only ``y``; with ``log_det``, also the
     per-sample log|det dy/dx|, whose gradient flows into the blocks' backward steps.
 
-    Backward rebuilds the inputs in a copy of ``y`` (one activation-sized buffer, whatever
-    the depth), so the output stays valid after backward and a retained graph can run again.
+    Backward rebuilds the inputs in a stream copied from ``y`` (one activation-sized buffer,
+    whatever the depth), so the output stays valid after backward and a retained graph can
+    run again.
     """
 
     @staticmethod
     def forward(ctx, x, blocks, preserve_rng_state, log_det, *params):
         recorder = Recorder(x.device, preserve_rng_state)
-        y = x.detach().clone(memory_format=torch.contiguous_format)
-        ld = new_log_det(blocks, x) if log_det else None
-        for block in blocks:
-            block.forward_inplace(y, recorder.forward, ld)
+        y, ld = _run_forward(blocks, x, recorder.forward, log_det)
         ctx.blocks, ctx.recorder = blocks, recorder
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
         ctx.save_for_backward(y)
@@ -93,16 +108,29 @@ class ReversibleChainFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_log_det=None):
-        x = ctx.saved_tensors[0].clone()  # becomes each block's input in turn, ending as x
-        grad = grad_y.clone(memory_format=torch.contiguous_format)
+        dim = ctx.blocks[0].dim
+        stream = to_stream(ctx.saved_tensors[0], dim)  # becomes each block's input in turn
+        grad = to_stream(grad_y, dim)
         param_grads = [None] * len(ctx.param_index)
         vjp = ctx.recorder.replay_reversed()
         for block in reversed(ctx.blocks):
-            for p, g in block.backward_inplace(x, grad, vjp, grad_log_det):
+            for p, g in block.backward_inplace(stream, grad, vjp, grad_log_det):
                 i = ctx.param_index.get(id(p))
                 if g is not None and i is not None:
                     param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
-        return (grad if ctx.needs_input_grad[0] else None, None, None, None, *param_grads)
+        del stream
+        dx = from_stream(grad, dim) if ctx.needs_input_grad[0] else None
+        return (dx, None, None, None, *param_grads)
+
+
+def _run_forward(blocks, x, run, log_det):
+    """``(y, log_det or None)``: the blocks run in place on a stream of ``x``."""
+    dim = blocks[0].dim
+    stream = to_stream(x, dim)
+    ld = new_log_det(blocks, x) if log_det else None
+    for block in blocks:
+        block.forward_inplace(stream, run, ld)
+    return from_stream(stream, dim), ld
 
 
 @torch.compiler.disable
@@ -118,11 +146,8 @@ def reversible_chain(blocks, x, preserve_rng_state=True, log_det=False):
     params = trainable_parameters(blocks)
     if torch.is_grad_enabled() and (x.requires_grad or params):
         return ReversibleChainFunction.apply(x, tuple(blocks), preserve_rng_state, log_det, *params)
-    y = x.detach().clone(memory_format=torch.contiguous_format)
-    ld = new_log_det(blocks, x) if log_det else None
     with torch.no_grad():
-        for block in blocks:
-            block.forward_inplace(y, run_checked, ld)
+        y, ld = _run_forward(blocks, x, run_checked, log_det)
     return (y, ld) if log_det else y
 
 
@@ -135,7 +160,7 @@ def invert_chain(blocks, y):
     will differ.
     """
     check_chain_input(blocks, y)
-    x = y.detach().clone(memory_format=torch.contiguous_format)
+    stream = to_stream(y, blocks[0].dim)
     for block in reversed(blocks):
-        block.inverse_inplace(x, run_side_effect_free)
-    return x
+        block.inverse_inplace(stream, run_side_effect_free)
+    return from_stream(stream, blocks[0].dim)
