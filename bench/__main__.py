@@ -1,0 +1,37 @@
+"""Command line of ``python -m bench`` (see bench/__init__.py)."""
+import argparse
+import os
+
+from . import drift, kernels, suite, train
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("job", nargs="?", default="suite", choices=("suite", "kernels", "train", "drift"))
+    parser.add_argument("--preset", default="cpu", choices=("cpu", "gpu", "tiny"),
+                        help="workload sizes: cpu (default), gpu (the H200 check) or tiny (tests)")
+    parser.add_argument("--peers", action="store_true", help="also measure memcnn and revlib when installed")
+    parser.add_argument("--steps", type=positive, default=5, help="timed steps per row (median)")
+    parser.add_argument("--out", default=RESULTS, help="folder for JSON, Markdown and PNG results")
+    args = parser.parse_args(argv)
+    if args.job == "suite":
+        suite.main(args.preset, args.peers, args.out, args.steps)
+    elif args.job == "kernels":
+        kernels.main(args.out)
+    elif args.job == "train":
+        train.main(args.out)
+    else:
+        drift.main()
+
+
+if __name__ == "__main__":
+    main()

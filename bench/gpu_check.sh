@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU check, one script: CUDA tests, the kernel benchmark and the GPU-sized suite.
+# Usage: bash bench/gpu_check.sh OUTDIR   (from the repository root, on a machine with a GPU;
+# about 6 minutes on an H200). Every log and result lands in OUTDIR.
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_check.sh OUTDIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export TRITON_INTERPRET=0
+status=0
+step() {  # step NAME TIMEOUT_S COMMAND...: run, log to OUTDIR/NAME.log, keep going on failure
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  tail -n 3 "$out/$name.log"
+  [ $rc -eq 0 ] || { echo "!! $name exited $rc"; status=1; }
+}
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), torch.__version__)" \
+  | tee "$out/device.txt" || exit 1
+nvidia-smi >>"$out/device.txt" 2>&1 || true
+pip install -q -e ".[test,plot]" >"$out/install.log" 2>&1 || true
+step tests 180 python -m pytest -q tests -k cuda -p no:cacheprovider  # the CPU suite is CI's
+step kernels 120 python -m bench kernels --out "$out"
+step suite 240 python -m bench --preset gpu --out "$out"
+exit $status

@@ -1,0 +1,69 @@
+"""The suite's results as a table on stdout, and as JSON, Markdown and a PNG plot on disk."""
+import json
+import math
+
+COLUMNS = ("workload", "method", "peak MiB", "x eager", "step ms", "x eager ")
+
+
+def add_ratios(rows):
+    """Give each row its peak memory and step time as ratios to the eager row of its workload."""
+    eager = {r["workload"]: r for r in rows if r["method"] == "eager" and "error" not in r}
+    for r in rows:
+        base = eager.get(r["workload"])
+        if base and "error" not in r:
+            r["peak_ratio"] = r["peak_bytes"] / base["peak_bytes"]
+            r["time_ratio"] = r["step_seconds"] / base["step_seconds"]
+    return rows
+
+
+def cells(r):
+    if "error" in r:
+        return [r["workload"], r["method"], f"error: {r['error']}", "", "", ""]
+    return [r["workload"], r["method"], f"{r['peak_bytes'] / 2**20:.1f}", f"{r.get('peak_ratio', math.nan):.3f}",
+            f"{r['step_seconds'] * 1e3:.1f}", f"{r.get('time_ratio', math.nan):.2f}"]
+
+
+def table(rows):
+    """A fixed-width text table."""
+    lines = [COLUMNS] + [cells(r) for r in rows]
+    widths = [max(len(str(line[i])) for line in lines if len(line) > i) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def markdown(rows, header):
+    out = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    out += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def plot(rows, path):
+    """Peak memory against depth per method, for the depth sweep. Returns a message."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e .[plot]): no plot"
+    sweep = [r for r in rows if "depth" in r and "error" not in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in sweep):
+        points = sorted((r["depth"], r["peak_bytes"] / 2**20) for r in sweep if r["method"] == method)
+        ax.plot(*zip(*points), marker="o", label=method)
+    ax.set(xlabel="depth (reversible blocks)", ylabel="peak step memory (MiB)", xscale="log", yscale="log",
+           title="Peak memory of one training step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def save(rows, meta, stem):
+    """Write ``stem``.json, ``stem``.md and ``stem``.png; return the paths written, as messages."""
+    with open(f"{stem}.json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    header = f"# python -m bench ({meta['device']}, {meta['date']})\n\nMemory: {meta['memory_method']}."
+    with open(f"{stem}.md", "w") as f:
+        f.write(markdown(rows, header))
+    return [f"results: {stem}.json, {stem}.md", plot(rows, f"{stem}.png")]

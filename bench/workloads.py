@@ -1,0 +1,125 @@
+"""What the suite measures: a model, an input and a loss per (workload, method).
+
+Methods: ``eager`` (the eager twin, plain autograd), ``checkpoint`` (the eager twin with
+``torch.utils.checkpoint`` per reversible block), ``revtriton`` (the reversible model), and
+the peers ``memcnn`` and ``revlib`` (the same F and G in their reversible wrappers; depth
+sweep only). Every method of a workload starts from the same parameters (seed 0).
+"""
+import functools
+import importlib.util
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import revtriton as rt
+from revtriton import models
+
+METHODS = ("eager", "checkpoint", "revtriton")
+PEERS = ("memcnn", "revlib")
+
+
+def conv_unit(c):
+    """F and G of the depth sweep: BatchNorm-ReLU-Conv3x3 on ``c`` channels."""
+    return nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, bias=False))
+
+
+def chains(model):
+    return [m for m in model.modules() if isinstance(m, rt.ReversibleSequential)]
+
+
+def _checkpointed(blocks, x):
+    for block in blocks:
+        x = checkpoint(block.eager_forward, x, use_reentrant=False)
+    return x
+
+
+def as_method(model, method):
+    """``model`` run by ``method``: its chains reversible, eager, or eager with checkpoints."""
+    for chain in chains(model):
+        chain.reversible = method == "revtriton"
+        if method == "checkpoint":
+            chain.forward = functools.partial(_checkpointed, list(chain))
+    return model
+
+
+def peer_chain(peer, blocks):
+    """The blocks' F and G in a peer library's reversible wrappers."""
+    if peer == "memcnn":
+        import memcnn
+
+        return nn.Sequential(*[memcnn.InvertibleModuleWrapper(memcnn.AdditiveCoupling(b.f, b.g), keep_input=False,
+                                                              keep_input_inverse=False) for b in blocks])
+    import revlib
+
+    return revlib.ReversibleSequential(*[m for b in blocks for m in (b.f, b.g)], split_dim=1)
+
+
+def peer_missing(method):
+    """Why ``method`` cannot run here, or None."""
+    if method in PEERS and importlib.util.find_spec(method) is None:
+        return f"{method} is not installed (pip install {method})"
+    return None
+
+
+def build(workload, method):
+    """``(model, input, loss_fn, autocast_dtype)`` for one row of the suite."""
+    torch.manual_seed(0)
+    kind = workload["kind"]
+    if kind == "chain":
+        c, depth = workload["channels"], workload["depth"]
+        model = rt.ReversibleSequential(*[rt.ReversibleBlock(conv_unit(c // 2), conv_unit(c // 2))
+                                          for _ in range(depth)])
+        if method in PEERS:
+            model = peer_chain(method, list(model))
+        shape = (workload["batch"], c, workload["size"], workload["size"])
+    elif kind == "cifar":
+        model = getattr(models, workload["model"])()
+        shape = (workload["batch"], 3, workload["size"], workload["size"])
+    elif kind == "transformer":
+        model = models.reversible_transformer(workload["width"], workload["depth"], workload["heads"])
+        shape = (workload["batch"], workload["tokens"], workload["width"])
+    else:
+        raise ValueError(f"workload kind={kind!r}; expected 'chain', 'cifar' or 'transformer'")
+    if method not in PEERS:
+        model = as_method(model, method)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(workload.get("autocast"))
+    return model, torch.randn(shape), lambda y: y.float().square().mean(), dtype
+
+
+def suite(preset):
+    """The workloads of a preset: ``cpu`` (default, a few minutes on 2 cores), ``gpu`` (the
+    H200 check) or ``tiny`` (the end-to-end test)."""
+    if preset == "tiny":
+        sweep = [dict(kind="chain", depth=d, batch=4, channels=16, size=32) for d in (2, 4)]
+        return sweep, [dict(kind="transformer", width=32, depth=2, heads=2, tokens=128, batch=4)]
+    if preset == "cpu":
+        sweep = [dict(kind="chain", depth=d, batch=8, channels=32, size=32) for d in (4, 16, 64)]
+        refs = [dict(kind="cifar", model=m, batch=8, size=32) for m in ("revnet38", "resnet32", "revnet110")]
+        refs.append(dict(kind="transformer", width=256, depth=8, heads=4, tokens=128, batch=4))
+        return sweep, refs
+    if preset == "gpu":
+        sweep = [dict(kind="chain", depth=d, batch=64, channels=64, size=32) for d in (4, 16, 64)]
+        refs = [dict(kind="cifar", model=m, batch=128, size=32)
+                for m in ("revnet38", "resnet32", "revnet110", "resnet110", "revnet164", "resnet164")]
+        refs.append(dict(kind="transformer", width=1024, depth=24, heads=16, tokens=1024, batch=8, autocast="bf16"))
+        return sweep, refs
+    raise ValueError(f"preset={preset!r}; expected 'cpu', 'gpu' or 'tiny'")
+
+
+def label(workload):
+    """A short readable name for a workload."""
+    kind = workload["kind"]
+    if kind == "chain":
+        return f"chain depth {workload['depth']}"
+    if kind == "cifar":
+        return workload["model"]
+    return f"transformer {workload['depth']}x{workload['width']}"
+
+
+def methods_for(workload, peers):
+    """The methods a workload is measured with: ResNets have no reversible twin."""
+    if workload["kind"] == "cifar" and workload["model"].startswith("resnet"):
+        return ("eager",)
+    extra = PEERS if peers and workload["kind"] == "chain" else ()
+    return METHODS + extra

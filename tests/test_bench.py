@@ -1,0 +1,52 @@
+"""``python -m bench`` end to end on a tiny workload (the plain PyTorch CPU path, as users run it)."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.measure import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench(*args, tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    return subprocess.run([sys.executable, "-m", "bench", *args, "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_tiny_suite_writes_every_field_finite_and_positive(tmp_path):
+    proc = bench("--preset", "tiny", "--steps", "2", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "memory:" in proc.stdout and "chain depth 4" in proc.stdout
+    (result,) = tmp_path.glob("cpu-tiny-*.json")
+    data = json.loads(result.read_text())
+    assert {"device", "date", "memory_method", "preset", "torch"} <= data["meta"].keys()
+    assert {(r["workload"], r["method"]) for r in data["rows"]} >= {
+        ("chain depth 2", "eager"), ("chain depth 4", "checkpoint"), ("transformer 2x32", "revtriton")}
+    for row in data["rows"]:
+        assert "error" not in row, row
+        for field in ("peak_bytes", "step_seconds", "peak_ratio", "time_ratio"):
+            assert math.isfinite(row[field]) and row[field] > 0, (row["workload"], row["method"], field)
+    assert (tmp_path / result.name.replace(".json", ".md")).read_text().count("|") > 20
+
+
+@pytest.mark.skipif(importlib.util.find_spec("memcnn") is not None, reason="memcnn is installed here")
+def test_missing_peer_is_reported_in_its_row():
+    assert "memcnn is not installed" in run({}, "memcnn", torch.device("cpu"))["error"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the kernels job measures for real")
+def test_kernels_job_says_why_it_measures_nothing_on_cpu(tmp_path):
+    proc = bench("kernels", tmp_path=tmp_path)
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    proc = bench("--steps", "0", tmp_path=tmp_path)
+    assert proc.returncode == 2 and "0 is not a positive integer" in proc.stderr
