@@ -45,7 +45,7 @@ def plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install -e .[plot]): no plot"
-    sweep = [r for r in rows if "depth" in r and "error" not in r]
+    sweep = [r for r in rows if r.get("kind") == "chain" and "error" not in r]
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in sweep):
         points = sorted((r["depth"], r["peak_bytes"] / 2**20) for r in sweep if r["method"] == method)

@@ -7,6 +7,7 @@ from torch import nn
 
 import revtriton as rt
 from conftest import requires_cuda
+from bench.drift import drift
 from helpers import conv_chain, conv_unit, eager_twin, loss_of, mlp, rel_err
 
 
@@ -95,15 +96,6 @@ def test_autocast_is_replayed_in_the_recompute(device):
     _assert_grads_close(_grads(chain, x), _grads(twin, x_twin), tol=2e-2)
     # without the replay, the recompute would run in fp32 and differ from eager's bf16
     assert 0 < rel_err(x.grad, x_twin.grad)
-
-
-def drift(depth, stream_dtype):
-    """Reconstruction error of MLP couplings computing in bf16 (autocast) on streams kept in
-    ``stream_dtype``."""
-    torch.manual_seed(0)
-    chain = rt.ReversibleSequential(*[rt.ReversibleBlock(mlp(16), mlp(16), dim=-1) for _ in range(depth)])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        return rt.reconstruction_error(chain, torch.randn(4, 8, 32).to(stream_dtype))
 
 
 def test_fp32_streams_reconstruct_far_better_than_bf16_streams():
