@@ -36,15 +36,26 @@ def markdown(rows, header):
     return "\n".join(out) + "\n"
 
 
-def plot(rows, path):
-    """Peak memory against depth per method, for the depth sweep. Returns a message."""
+NO_PLOT = "matplotlib is not installed (pip install -e .[plot]): no plot"
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None without matplotlib (an optional extra)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install -e .[plot]): no plot"
+        return None
+    return plt
+
+
+def plot(rows, path):
+    """Peak memory against depth per method, for the depth sweep. Returns a message."""
+    plt = pyplot()
+    if plt is None:
+        return NO_PLOT
     sweep = [r for r in rows if r.get("kind") == "chain" and "error" not in r]
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in sweep):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from revtriton.models import revnet38
 
+from .report import NO_PLOT, pyplot
 from .workloads import as_method
 
 STEPS, BATCH = 50, 8
@@ -56,13 +57,9 @@ def _largest_difference(a, b):
 
 
 def _plot(losses, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e .[plot]): no plot")
+    plt = pyplot()
+    if plt is None:
+        print(NO_PLOT)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
