@@ -56,11 +56,12 @@ def plot(rows, path):
     plt = pyplot()
     if plt is None:
         return NO_PLOT
-    sweep = [r for r in rows if r.get("kind") == "chain" and "error" not in r]
+    sweep = [r for r in rows if r.get("kind") in ("chain", "affine") and "error" not in r]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in sweep):
-        points = sorted((r["depth"], r["peak_bytes"] / 2**20) for r in sweep if r["method"] == method)
-        ax.plot(*zip(*points), marker="o", label=method)
+    for kind, method in dict.fromkeys((r["kind"], r["method"]) for r in sweep):
+        points = sorted((r["depth"], r["peak_bytes"] / 2**20) for r in sweep if (r["kind"], r["method"]) == (kind, method))
+        ax.plot(*zip(*points), marker="o", label=method if kind == "chain" else f"{method} (affine)",
+                linestyle="-" if kind == "chain" else ":")
     ax.set(xlabel="depth (reversible blocks)", ylabel="peak step memory (MiB)", xscale="log", yscale="log",
            title="Peak memory of one training step")
     ax.legend()

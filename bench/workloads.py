@@ -2,8 +2,9 @@
 
 Methods: ``eager`` (the eager twin, plain autograd), ``checkpoint`` (the eager twin with
 ``torch.utils.checkpoint`` per reversible block), ``revtriton`` (the reversible model), and
-the peers ``memcnn`` and ``revlib`` (the same F and G in their reversible wrappers; depth
-sweep only). Every method of a workload starts from the same parameters (seed 0).
+the peers ``memcnn`` and ``revlib`` (the same F and G in their reversible wrappers; additive
+depth sweep only). The affine sweep is a flow trained on its negative log-likelihood
+(output and log-determinant), against its eager twin. Every method of a workload starts from the same parameters (seed 0).
 """
 import functools
 import importlib.util
@@ -66,6 +67,7 @@ def build(workload, method):
     """``(model, input, loss_fn, autocast_dtype)`` for one row of the suite."""
     torch.manual_seed(0)
     kind = workload["kind"]
+    loss_fn = _loss
     if kind == "chain":
         c, depth = workload["channels"], workload["depth"]
         model = rt.ReversibleSequential(*[rt.ReversibleBlock(conv_unit(c // 2), conv_unit(c // 2))
@@ -73,6 +75,12 @@ def build(workload, method):
         if method in PEERS:
             model = peer_chain(method, list(model))
         shape = (workload["batch"], c, workload["size"], workload["size"])
+    elif kind == "affine":  # a flow: s, t = BatchNorm-ReLU-Conv3x3, alternating halves
+        c, depth = workload["channels"], workload["depth"]
+        model = rt.ReversibleSequential(*[rt.AffineBlock(conv_unit(c // 2), conv_unit(c // 2), swap=i % 2 == 1)
+                                          for i in range(depth)], log_det=True)
+        shape = (workload["batch"], c, workload["size"], workload["size"])
+        loss_fn = _flow_loss
     elif kind == "cifar":
         model = getattr(models, workload["model"])()
         shape = (workload["batch"], 3, workload["size"], workload["size"])
@@ -80,26 +88,36 @@ def build(workload, method):
         model = models.reversible_transformer(workload["width"], workload["depth"], workload["heads"])
         shape = (workload["batch"], workload["tokens"], workload["width"])
     else:
-        raise ValueError(f"workload kind={kind!r}; expected 'chain', 'cifar' or 'transformer'")
+        raise ValueError(f"workload kind={kind!r}; expected 'chain', 'affine', 'cifar' or 'transformer'")
     if method not in PEERS:
         model = as_method(model, method)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(workload.get("autocast"))
-    return model, torch.randn(shape), lambda y: y.float().square().mean(), dtype
+    return model, torch.randn(shape), loss_fn, dtype
+
+
+def _loss(y):
+    return y.float().square().mean()
+
+
+def _flow_loss(out):
+    """A flow's negative log-likelihood under a standard normal, up to a constant."""
+    z, log_det = out
+    return 0.5 * z.float().square().flatten(1).sum(1).mean() - log_det.mean()
 
 
 def suite(preset):
     """The workloads of a preset: ``cpu`` (default, a few minutes on 2 cores), ``gpu`` (the
     H200 check) or ``tiny`` (the end-to-end test)."""
     if preset == "tiny":
-        sweep = [dict(kind="chain", depth=d, batch=4, channels=16, size=32) for d in (2, 4)]
+        sweep = [dict(kind=k, depth=d, batch=4, channels=16, size=32) for k in ("chain", "affine") for d in (2, 4)]
         return sweep, [dict(kind="transformer", width=32, depth=2, heads=2, tokens=128, batch=4)]
     if preset == "cpu":
-        sweep = [dict(kind="chain", depth=d, batch=8, channels=32, size=32) for d in (4, 16, 64)]
+        sweep = [dict(kind=k, depth=d, batch=8, channels=32, size=32) for k in ("chain", "affine") for d in (4, 16, 64)]
         refs = [dict(kind="cifar", model=m, batch=8, size=32) for m in ("revnet38", "resnet32", "revnet110")]
         refs.append(dict(kind="transformer", width=256, depth=8, heads=4, tokens=128, batch=4))
         return sweep, refs
     if preset == "gpu":
-        sweep = [dict(kind="chain", depth=d, batch=64, channels=64, size=32) for d in (4, 16, 64)]
+        sweep = [dict(kind=k, depth=d, batch=64, channels=64, size=32) for k in ("chain", "affine") for d in (4, 16, 64)]
         refs = [dict(kind="cifar", model=m, batch=128, size=32)
                 for m in ("revnet38", "resnet32", "revnet110", "resnet110", "revnet164", "resnet164")]
         refs.append(dict(kind="transformer", width=1024, depth=24, heads=16, tokens=1024, batch=8, autocast="bf16"))
@@ -110,8 +128,8 @@ def suite(preset):
 def label(workload):
     """A short readable name for a workload."""
     kind = workload["kind"]
-    if kind == "chain":
-        return f"chain depth {workload['depth']}"
+    if kind in ("chain", "affine"):
+        return f"{kind} depth {workload['depth']}"
     if kind == "cifar":
         return workload["model"]
     return f"transformer {workload['depth']}x{workload['width']}"
@@ -121,5 +139,7 @@ def methods_for(workload, peers):
     """The methods a workload is measured with: ResNets have no reversible twin."""
     if workload["kind"] == "cifar" and workload["model"].startswith("resnet"):
         return ("eager",)
+    if workload["kind"] == "affine":  # checkpointing per block would drop the log-determinant
+        return ("eager", "revtriton")
     extra = PEERS if peers and workload["kind"] == "chain" else ()
     return METHODS + extra
