@@ -4,10 +4,14 @@ Forward copies the input once into a stream: its two halves along ``dim``, stack
 ``(2, ...)`` buffer, so that each half is contiguous for F, G and the kernels. Every block
 runs in place on the stream, without autograd; the output is the stream joined back, and
 only the output is saved. Backward walks the blocks in reverse, rebuilding each block's
-input in place in a stream copied from the output and its input gradient in a gradient
-stream of the chain's own (Algorithm 1 in DESIGN.md): F and G run twice per step,
-activation memory does not grow with depth.
+input in place in a stream copied from the output (whose storage it then frees if
+nothing else can read it) and its input gradient in a gradient stream of the chain's own
+(Algorithm 1 in DESIGN.md): F and G run twice per step, activation memory does not grow
+with depth.
 """
+import functools
+import weakref
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -87,13 +91,59 @@ def trainable_parameters(blocks):
     return list(seen.values())
 
 
+def _storage_refs(t):
+    """How many tensors (and storage objects, this call's included) share ``t``'s storage."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class _Probe(torch.autograd.Function):
+    """Measures :func:`_storage_refs` of a saved output that nothing else holds."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x * 2
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.refs = _storage_refs(ctx.saved_tensors[0])
+        return grad * 2
+
+
+@functools.cache
+def _unshared_refs():
+    """The storage references of a saved output in backward when only autograd holds it."""
+    x = torch.zeros(1, requires_grad=True)
+    with torch.enable_grad():
+        y = _Probe.apply(x)
+        node, loss = y.grad_fn, (y * 1).sum()
+    del y
+    torch.autograd.grad(loss, x)
+    return node.refs
+
+
+def release_if_unshared(saved, output):
+    """Free the storage of the saved output ``saved`` once backward has copied it, if nothing
+    else can read it: the graph is not retained, the output tensor ``output`` (a weak
+    reference) is gone, and no other tensor (a view, a ``detach()``) shares the storage.
+    Returns whether it was freed. This is what keeps the chain's backward as lean as the
+    in-place rebuild of DESIGN.md without destroying an output the caller still holds."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)()
+    if keep_graph or output() is not None or _storage_refs(saved) > _unshared_refs():
+        return False
+    saved.untyped_storage().resize_(0)
+    return True
+
+
 class ReversibleChainFunction(torch.autograd.Function):
     """``y = blocks[-1](...blocks[0](x))``, saving only ``y``; with ``log_det``, also the
     per-sample log|det dy/dx|, whose gradient flows into the blocks' backward steps.
 
     Backward rebuilds the inputs in a stream copied from ``y`` (one activation-sized buffer,
     whatever the depth), so the output stays valid after backward and a retained graph can
-    run again.
+    run again; when nothing else can read ``y`` any more, its storage is freed as soon as it
+    is copied (:func:`release_if_unshared`).
     """
 
     @staticmethod
@@ -103,13 +153,17 @@ class ReversibleChainFunction(torch.autograd.Function):
         ctx.blocks, ctx.recorder = blocks, recorder
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
         ctx.save_for_backward(y)
+        ctx.output = weakref.ref(y)
         return (y, ld) if log_det else y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_log_det=None):
         dim = ctx.blocks[0].dim
-        stream = to_stream(ctx.saved_tensors[0], dim)  # becomes each block's input in turn
+        y = ctx.saved_tensors[0]
+        stream = to_stream(y, dim)  # becomes each block's input in turn
+        release_if_unshared(y, ctx.output)
+        del y
         grad = to_stream(grad_y, dim)
         param_grads = [None] * len(ctx.param_index)
         vjp = ctx.recorder.replay_reversed()

@@ -51,6 +51,19 @@ def _check(op, names, args, per_sample=()):
                              f"the device of {names[0]}")
 
 
+_lib = torch.library.Library("revtriton", "DEF")
+
+
+def _refuse_autograd(op, names, args):
+    """The ops have no derivative: refuse, rather than silently drop, a gradient through one."""
+    if torch.is_grad_enabled():
+        for name, t in zip(names, args):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise RuntimeError(f"revtriton::{op}: {name} requires grad, but the coupling ops have no "
+                                   f"derivative (a reversible chain computes its own backward); call them "
+                                   f"under torch.no_grad() or on detached tensors")
+
+
 def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
     """Register ``revtriton::name`` over the launcher ``revtriton.kernels.<kernel>``.
 
@@ -58,29 +71,36 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
     ``reference`` the PyTorch computation used on CPU outside the interpreter. Optional
     ``per_sample`` tensors (one value per index of dim 0 of the first tensor, or None) and
     ``float`` arguments named in ``scalars`` follow the tensors, in that order.
+
+    The op is defined with ``torch.library.Library`` (CPU and CUDA kernels, a fake kernel
+    for torch.compile): a call costs about 7 µs with its checks where
+    ``torch.library.custom_op``'s Python wrapper took 17 µs, and a chain makes 4 calls per
+    block and step. Each kernel bumps the version counters of what it writes, and refuses
+    tensors that require grad while grad is enabled (the ops have no derivative).
     """
     args = [f"Tensor({n}!) {n}" if n in mutated else f"Tensor {n}" for n in names]
     args += [f"Tensor({n}!)? {n}" if n in mutated else f"Tensor? {n}" for n in per_sample]
-    schema = "(" + ", ".join(args + [f"float {n}" for n in scalars]) + ") -> ()"
+    _lib.define(name + "(" + ", ".join(args + [f"float {n}" for n in scalars]) + ") -> ()")
+    tensor_names = names + per_sample
+    written = [i for i, n in enumerate(tensor_names) if n in mutated]
 
     def launch(*args):
         from revtriton import kernels
 
         getattr(kernels, kernel)(*args)
 
-    def cpu(*args):
-        _check(name, names, args, per_sample)
-        (launch if interpreting() else reference)(*args)
+    def kernel_for(run):
+        def run_checked(*args):
+            _refuse_autograd(name, tensor_names, args)
+            _check(name, names, args, per_sample)
+            torch.autograd.graph.increment_version([args[i] for i in written if args[i] is not None])
+            run(*args)
+        return run_checked
 
-    def cuda(*args):
-        _check(name, names, args, per_sample)
-        launch(*args)
-
-    op = torch.library.custom_op(f"revtriton::{name}", cpu, mutates_args=mutated,
-                                 device_types="cpu", schema=schema)
-    op.register_kernel("cuda")(cuda)
-    op.register_fake(lambda *args: None)
-    return op
+    _lib.impl(name, kernel_for(lambda *args: (launch if interpreting() else reference)(*args)), "CPU")
+    _lib.impl(name, kernel_for(launch), "CUDA")
+    torch.library.register_fake(f"revtriton::{name}", lambda *args: None, lib=_lib)
+    return getattr(torch.ops.revtriton, name).default
 
 
 def _sub_add(a, b, c, d):

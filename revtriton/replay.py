@@ -57,6 +57,15 @@ def run_side_effect_free(name, module, x):
         return run_checked(name, module, x)
 
 
+def _call_with(module, params, x):
+    """``module(x)`` with the parameters ``params`` (by name): a plain call when they are the
+    module's own, as they almost always are, else ``torch.func.functional_call``."""
+    own = dict(module.named_parameters())
+    if own.keys() == params.keys() and all(own[k] is p for k, p in params.items()):
+        return module(x)
+    return torch.func.functional_call(module, params, (x,), strict=False)
+
+
 class Recorder:
     """Runs a chain's F/G calls in forward and replays them, reversed, in backward.
 
@@ -99,8 +108,9 @@ class Recorder:
                 if cuda:
                     torch.cuda.set_rng_state(rng_state[1], self.device)
             for device_type, (enabled, dtype) in self.autocast.items():
-                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled,
-                                                   cache_enabled=self.autocast_cache))
+                if enabled or torch.is_autocast_enabled(device_type):  # else nothing to replay
+                    stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled,
+                                                       cache_enabled=self.autocast_cache))
             yield
 
     def replay_reversed(self):
@@ -124,7 +134,7 @@ class Recorder:
         trainable = [p for p in params.values() if p.requires_grad]
         with buffers_kept(module):  # restored after the vjp: BatchNorm saves them for backward
             with torch.enable_grad(), self._replayed(rng_state):
-                out = torch.func.functional_call(module, params, (leaf,), strict=False)
+                out = _call_with(module, params, leaf)
             if callable(grad):
                 grad = grad(out.detach())
             if not out.requires_grad:

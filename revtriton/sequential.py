@@ -23,7 +23,8 @@ class ReversibleSequential(nn.Sequential):
 
     Neither the caller's input nor the chain's output is modified: backward rebuilds the
     inputs in a copy of the output (one activation-sized buffer, whatever the depth), so
-    ``inverse(y)`` still works after ``backward()``. torch.compile graph-breaks around the
+    ``inverse(y)`` still works after ``backward()``; the output's own storage is freed once
+    copied if nothing else can read it. torch.compile graph-breaks around the
     chain (F and G run eagerly inside).
     """
 

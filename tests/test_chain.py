@@ -1,4 +1,5 @@
 """ReversibleBlock and ReversibleSequential: gradients, inverse, memory, input safety."""
+import contextlib
 import copy
 
 import pytest
@@ -136,6 +137,45 @@ def test_retained_graph_runs_backward_twice_with_equal_gradients():
     loss.backward()
     second = [x.grad] + [p.grad for p in chain.parameters()]
     assert all(torch.allclose(b, 2 * a, rtol=1e-6, atol=1e-7) for a, b in zip(first, second))
+
+
+def _spy_on_release(monkeypatch):
+    """The results of every ``release_if_unshared`` call the chain's backward makes."""
+    from revtriton import function
+
+    results, real = [], function.release_if_unshared
+    monkeypatch.setattr(function, "release_if_unshared", lambda *args: results.append(real(*args)) or results[-1])
+    return results
+
+
+@pytest.mark.parametrize("keep", ["output", "detached output", "view of output", "retained graph", "saved hooks"])
+def test_backward_keeps_the_output_storage_when_anything_can_still_read_it(keep, monkeypatch):
+    released = _spy_on_release(monkeypatch)
+    chain = conv_chain(3)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    with hooks if keep == "saved hooks" else contextlib.nullcontext():
+        y = chain(x)
+    expected = y.detach().clone()
+    kept = {"output": y, "detached output": y.detach(), "view of output": y[1:],
+            "retained graph": y, "saved hooks": y}[keep]
+    loss = loss_of(y)
+    del y
+    loss.backward(retain_graph=keep == "retained graph")
+    assert released == [False]
+    assert torch.equal(kept.detach(), expected[-kept.shape[0]:])  # intact: the view is y[1:]
+
+
+def test_backward_frees_the_output_storage_once_nothing_else_can_read_it(monkeypatch):
+    released = _spy_on_release(monkeypatch)
+    chain = conv_chain(3)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    twin, run = eager_twin(chain)
+    loss_of(chain(x)).backward()  # the output is only in the loss's graph
+    loss_of(run(x.detach().requires_grad_())).backward()
+    assert released == [True]
+    for p, q in zip(chain.parameters(), twin.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-5
 
 
 @requires_cuda

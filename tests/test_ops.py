@@ -49,3 +49,25 @@ def test_bad_operands_are_refused_with_clear_errors():
         torch.ops.revtriton.coupling_forward(a, torch.randn(3, 5))
     with pytest.raises(TypeError, match="b is torch.int64; expected a floating-point tensor"):
         torch.ops.revtriton.coupling_forward(a, torch.ones(3, 4, dtype=torch.long))
+
+
+def test_ops_bump_the_version_of_what_they_write_so_autograd_sees_the_change():
+    a, b, c, d = _args(4)
+    before = a._version, b._version, c._version, d._version
+    torch.ops.revtriton.coupling_backward(a, b, c, d)
+    assert (a._version > before[0], b._version, c._version > before[2], d._version) == (True, before[1], True, before[3])
+    x = torch.randn(3, 5, requires_grad=True)
+    y = x.exp()  # exp saves its output for backward
+    with torch.no_grad():
+        torch.ops.revtriton.coupling_forward(y, b)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_ops_refuse_a_gradient_they_would_silently_drop():
+    a, b = _args(2)
+    b.requires_grad_()
+    with pytest.raises(RuntimeError, match="revtriton::coupling_forward: b requires grad"):
+        torch.ops.revtriton.coupling_forward(a, b)
+    with torch.no_grad():
+        torch.ops.revtriton.coupling_forward(a, b)  # nothing to differentiate: fine
