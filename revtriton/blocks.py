@@ -28,12 +28,17 @@ def halves(t, dim):
     return t.narrow(dim, 0, half), t.narrow(dim, half, half)
 
 
-def _rebuild_(a, b, c, d):
-    """``a -= b`` and, where ``d`` is a gradient (not None), ``c += d`` in the same pass."""
-    if d is None:
-        ops.coupling_inverse(a, b)
+def _step_back(vjp, fn, inp, grad_out, rebuilt, grad_in):
+    """One step of Algorithm 1: recompute ``out = fn(inp)`` and pull ``grad_out`` back through
+    it, then in one fused pass ``rebuilt -= out`` and ``grad_in += dfn/dinp^T grad_out``
+    (``rebuilt`` alone if ``out`` does not depend on ``inp``). Returns the parameter gradients;
+    ``out`` and the input gradient are freed on return, before the next step's recompute."""
+    out, grad_inp, params = vjp(fn, inp, grad_out)
+    if grad_inp is None:
+        ops.coupling_inverse(rebuilt, out)
     else:
-        ops.coupling_backward(a, b, c, d)
+        ops.coupling_backward(rebuilt, out, grad_in, grad_inp)
+    return params
 
 
 def _as_module(name, fn):
@@ -117,10 +122,8 @@ class ReversibleBlock(nn.Module):
 
     def backward_inplace(self, y, dy, vjp, log_det_grad=None):
         (y1, y2), (dy1, dy2) = y, dy
-        g, g_y1, g_params = vjp(self.g, y1, dy2)
-        _rebuild_(y2, g, dy1, g_y1)      # x2 = y2 - G(y1);  dy1 += dG/dy1^T dy2
-        f, f_x2, f_params = vjp(self.f, y2, dy1)
-        _rebuild_(y1, f, dy2, f_x2)      # x1 = y1 - F(x2);  dx2 = dy2 + dF/dx2^T dy1
+        g_params = _step_back(vjp, self.g, y1, dy2, y2, dy1)  # x2 = y2 - G(y1);  dy1 += dG/dy1^T dy2
+        f_params = _step_back(vjp, self.f, y2, dy1, y1, dy2)  # x1 = y1 - F(x2);  dx2 = dy2 + dF/dx2^T dy1
         return f_params + g_params
 
     def eager_forward(self, x, log_det=None):

@@ -95,6 +95,7 @@ class AffineBlock(_Coupling):
         dy1, dy2 = self._halves(dy)
         t, t_y1, t_params = vjp(self.t, y1, dy2)  # dL/dt = dy2
         _add_grad_(dy1, t_y1)  # before dy2 (which t_y1 may alias) becomes dx2
+        del t_y1  # freed before the recompute of s
 
         def scale_grad(s):  # x2, dx2 = dy2 * exp(s_c) and dL/ds in one pass
             ds = torch.empty_like(s, memory_format=torch.contiguous_format)

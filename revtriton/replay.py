@@ -82,20 +82,24 @@ class Recorder:
         self.autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in device_types}
         self.autocast_cache = torch.is_autocast_cache_enabled()
         self.calls = []  # (parameters by name, RNG state or None) per forward call
+        self.rng_state = self._rng_state() if preserve_rng_state else None  # where the next call starts
 
     def _rng_state(self):
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return torch.get_rng_state(), cuda
 
     def forward(self, name, module, x):
-        """``module(x)`` in the chain's forward, recorded for its recompute."""
-        before = self._rng_state() if self.preserve_rng_state else None
+        """``module(x)`` in the chain's forward, recorded for its recompute.
+
+        The RNG state is read once per call: the state a call ends with is the next call's
+        start, and it is kept only for a call that changed it (drew random numbers)."""
         out = run_checked(name, module, x)
-        if before is not None:
+        start = None
+        if self.preserve_rng_state:
             after = self._rng_state()
-            drew = not all(a is None or torch.equal(a, b) for a, b in zip(before, after))
-            before = before if drew else None
-        self.calls.append((dict(module.named_parameters()), before))
+            if not all(a is None or torch.equal(a, b) for a, b in zip(after, self.rng_state)):
+                start, self.rng_state = self.rng_state, after
+        self.calls.append((dict(module.named_parameters()), start))
         return out
 
     @contextlib.contextmanager
