@@ -1,13 +1,19 @@
-"""Peak memory and median time of one training step (forward, backward) of one configuration.
+"""Peak memory and median time of one training step (forward, backward) per method.
 
-CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
-allocated before the step; time between synchronisations. CPU: run as ``python -m
-bench.measure JSON`` in a subprocess of its own with ``MALLOC_MMAP_THRESHOLD_=65536``, so
+Peak memory, one configuration at a time. CUDA: ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``, minus what was allocated before the step. CPU: in a subprocess
+of its own (``python -m bench.measure peak JSON``) with ``MALLOC_MMAP_THRESHOLD_=65536``, so
 freed tensors go back to the operating system; after a warm-up step the kernel's high-water
 mark is reset (``/proc/self/clear_refs``) and the peak is ``VmHWM`` after the step minus
-``VmRSS`` before. Timing then raises the mmap threshold to 32 MiB and the trim threshold
-to 1 GiB (``mallopt``), so that, as with a caching allocator, steps reuse memory instead of
-faulting in fresh pages every time.
+``VmRSS`` before.
+
+Time, all methods of a workload together (on CPU in one subprocess, ``python -m
+bench.measure times JSON``): after a warm-up step each, every round runs one step of each
+method, in an order that rotates from round to round, and each method's figure is the median
+over the rounds. A machine whose load drifts (a shared CPU) slows every method alike, so the
+ratios to eager stay meaningful. On CPU, timing raises glibc's mmap threshold to 32 MiB and
+its trim threshold to 1 GiB (``mallopt``) so that, as with a caching allocator, steps reuse
+memory instead of faulting in fresh pages every time.
 """
 import contextlib
 import ctypes
@@ -23,18 +29,15 @@ import torch
 from .workloads import build, peer_missing
 
 CPU_METHOD = ("peak: VmHWM - VmRSS of a subprocess per configuration (clear_refs after warm-up, "
-              "MALLOC_MMAP_THRESHOLD_=65536); time: median of steps with glibc keeping freed memory")
+              "MALLOC_MMAP_THRESHOLD_=65536); time: median over rounds that run one step of every method "
+              "in turn, in one process, with glibc keeping freed memory")
+CUDA_METHOD = ("peak: torch.cuda.max_memory_allocated minus allocated before the step; time: median over "
+               "rounds that run one step of every method in turn")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc)
-CUDA_METHOD = "peak: torch.cuda.max_memory_allocated minus allocated before the step; time: median of steps"
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def measure(workload, method, device, steps=5):
-    """``{"peak_bytes", "step_seconds"}`` of one training step, measured in this process."""
+def stepper(workload, method, device):
+    """A function running one training step of ``method`` on ``workload`` (built, not yet run)."""
     model, x, loss_fn, autocast = build(workload, method)
     model, x = model.to(device), x.to(device)
     autocast_ctx = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else contextlib.nullcontext
@@ -46,6 +49,17 @@ def measure(workload, method, device, steps=5):
         model.zero_grad(set_to_none=True)
         x.grad = None
 
+    return step
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_bytes(workload, method, device):
+    """``{"peak_bytes"}`` of one training step after a warm-up step, measured in this process."""
+    step = stepper(workload, method, device)
     step()  # warm-up: lazy initialisation, allocator caches
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -53,22 +67,50 @@ def measure(workload, method, device, steps=5):
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        before = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        step()
-        peak = (_status_kib("VmHWM") - before) * 1024
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - before}
+    ctypes.CDLL(None).malloc_trim(0)  # hand back what the warm-up freed, so it does not count as live
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    return {"peak_bytes": (_status_kib("VmHWM") - before) * 1024}
+
+
+def step_seconds(workload, methods, device, steps):
+    """``{method: {"step_seconds"} or {"error"}}``: medians over ``steps`` interleaved rounds."""
+    if device.type == "cpu":
         libc = ctypes.CDLL(None)
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    times = []
-    for _ in range(steps):
-        t0 = _now(device)
-        step()
-        times.append(_now(device) - t0)
-    return {"peak_bytes": peak, "step_seconds": statistics.median(times)}
+    steps_of, results = {}, {}
+    for method in methods:
+        try:
+            steps_of[method] = stepper(workload, method, device)
+            steps_of[method]()  # warm-up
+        except Exception as e:  # one method's failure is reported in its row
+            steps_of.pop(method, None)
+            results[method] = {"error": _describe(e)}
+    times = {method: [] for method in steps_of}
+    for r in range(steps):
+        order = list(steps_of)
+        for method in order[r % len(order):] + order[: r % len(order)]:
+            if method in results:
+                continue
+            try:
+                t0 = _now(device)
+                steps_of[method]()
+                times[method].append(_now(device) - t0)
+            except Exception as e:
+                results[method] = {"error": _describe(e)}
+    for method, ts in times.items():
+        results.setdefault(method, {"step_seconds": statistics.median(ts)})
+    return {method: results[method] for method in methods}
+
+
+def _describe(e):
+    if isinstance(e, torch.OutOfMemoryError):
+        return f"out of memory: {str(e).splitlines()[0]}"
+    return f"{type(e).__name__}: {e}"
 
 
 def _now(device):
@@ -77,28 +119,48 @@ def _now(device):
     return time.perf_counter()
 
 
-def run(workload, method, device, steps=5):
-    """One row's figures, or ``{"error": ...}``: in a subprocess on CPU, in-process on CUDA."""
-    missing = peer_missing(method)
-    if missing:
-        return {"error": missing}
-    if device.type == "cuda":
-        try:
-            return measure(workload, method, device, steps)
-        except torch.OutOfMemoryError as e:
-            return {"error": f"out of memory: {str(e).splitlines()[0]}"}
-        except Exception as e:  # one configuration's failure is reported in its row
-            return {"error": f"{type(e).__name__}: {e}"}
-        finally:
-            torch.cuda.empty_cache()
+def _in_subprocess(job, spec):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TRITON_INTERPRET="0")
-    spec = json.dumps({"workload": workload, "method": method, "steps": steps})
-    proc = subprocess.run([sys.executable, "-m", "bench.measure", spec], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "bench.measure", job, json.dumps(spec)], env=env,
+                          capture_output=True, text=True)
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run(workload, methods, device, steps=5):
+    """``{method: figures or {"error": ...}}`` for one workload: each method's peak memory,
+    then the step times of those that ran, interleaved. On CPU each measurement runs in a
+    subprocess; on CUDA in this process."""
+    rows = {}
+    for method in methods:
+        missing = peer_missing(method)
+        if missing:
+            rows[method] = {"error": missing}
+        elif device.type == "cuda":
+            try:
+                rows[method] = peak_bytes(workload, method, device)
+            except Exception as e:
+                rows[method] = {"error": _describe(e)}
+            finally:
+                torch.cuda.empty_cache()
+        else:
+            rows[method] = _in_subprocess("peak", {"workload": workload, "method": method})
+    timed = [m for m in methods if "error" not in rows[m]]
+    if timed:
+        spec = {"workload": workload, "methods": timed, "steps": steps}
+        times = step_seconds(workload, timed, device, steps) if device.type == "cuda" else _in_subprocess("times", spec)
+        if "error" in times:  # the timing process itself failed
+            times = {m: times for m in timed}
+        for m in timed:
+            rows[m] = {**rows[m], **times[m]} if "error" not in times[m] else times[m]
+    return rows
+
+
 if __name__ == "__main__":
-    spec = json.loads(sys.argv[1])
-    print(json.dumps(measure(spec["workload"], spec["method"], torch.device("cpu"), spec["steps"])))
+    job, spec = sys.argv[1], json.loads(sys.argv[2])
+    cpu = torch.device("cpu")
+    if job == "peak":
+        print(json.dumps(peak_bytes(spec["workload"], spec["method"], cpu)))
+    else:
+        print(json.dumps(step_seconds(spec["workload"], spec["methods"], cpu, spec["steps"])))

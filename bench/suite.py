@@ -24,10 +24,11 @@ def main(preset, peers, out_dir, steps):
     sweep, refs = suite(preset)
     rows = []
     for workload in sweep + refs:
-        for method in methods_for(workload, peers):
-            print(f"  {label(workload)} / {method} ...", end=" ", flush=True)
-            result = run(workload, method, device, steps)
-            print(result.get("error") or f"{result['peak_bytes'] / 2**20:.1f} MiB, {result['step_seconds'] * 1e3:.1f} ms")
+        methods = methods_for(workload, peers)
+        print(f"  {label(workload)}: {', '.join(methods)} ...", flush=True)
+        for method, result in run(workload, methods, device, steps).items():
+            print(f"    {method}: " + (result.get("error") or
+                  f"{result['peak_bytes'] / 2**20:.1f} MiB, {result['step_seconds'] * 1e3:.1f} ms"), flush=True)
             rows.append({"workload": label(workload), "method": method, **workload, **result})
     report.add_ratios(rows)
     print()

@@ -112,7 +112,7 @@ def suite(preset):
         sweep = [dict(kind=k, depth=d, batch=4, channels=16, size=32) for k in ("chain", "affine") for d in (2, 4)]
         return sweep, [dict(kind="transformer", width=32, depth=2, heads=2, tokens=128, batch=4)]
     if preset == "cpu":
-        sweep = [dict(kind=k, depth=d, batch=8, channels=32, size=32) for k in ("chain", "affine") for d in (4, 16, 64)]
+        sweep = [dict(kind=k, depth=d, batch=32, channels=32, size=32) for k in ("chain", "affine") for d in (4, 16, 64)]
         refs = [dict(kind="cifar", model=m, batch=8, size=32) for m in ("revnet38", "resnet32", "revnet110")]
         refs.append(dict(kind="transformer", width=256, depth=8, heads=4, tokens=128, batch=4))
         return sweep, refs
