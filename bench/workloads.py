@@ -44,13 +44,22 @@ def as_method(model, method):
     return model
 
 
+class _Copy(nn.Module):
+    def forward(self, x):
+        return x.clone()
+
+
 def peer_chain(peer, blocks):
     """The blocks' F and G in a peer library's reversible wrappers."""
     if peer == "memcnn":
         import memcnn
 
-        return nn.Sequential(*[memcnn.InvertibleModuleWrapper(memcnn.AdditiveCoupling(b.f, b.g), keep_input=False,
-                                                              keep_input_inverse=False) for b in blocks])
+        # memcnn frees its input's storage (keep_input=False) and also writes the input gradient
+        # into a leaf input's .grad itself, doubling it: it gets a copy of the input, as it would
+        # inside a model
+        return nn.Sequential(_Copy(), *[memcnn.InvertibleModuleWrapper(memcnn.AdditiveCoupling(b.f, b.g),
+                                                                       keep_input=False, keep_input_inverse=False)
+                                        for b in blocks])
     import revlib
 
     return revlib.ReversibleSequential(*[m for b in blocks for m in (b.f, b.g)], split_dim=1)
