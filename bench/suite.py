@@ -34,7 +34,8 @@ def main(preset, peers, out_dir, steps):
     print()
     print(report.table(rows))
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{'cuda' if device.type == 'cuda' else 'cpu'}-{preset}-{meta['date']}")
+    name = f"{'cuda' if device.type == 'cuda' else 'cpu'}-{preset}{'-peers' if peers else ''}-{meta['date']}"
+    stem = os.path.join(out_dir, name)
     for line in report.save(rows, meta, stem):
         print(line)
     return rows

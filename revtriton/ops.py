@@ -93,7 +93,9 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
         def run_checked(*args):
             _refuse_autograd(name, tensor_names, args)
             _check(name, names, args, per_sample)
-            torch.autograd.graph.increment_version([args[i] for i in written if args[i] is not None])
+            for i in written:
+                if args[i] is not None:
+                    torch.autograd.graph.increment_version(args[i])
             run(*args)
         return run_checked
 
