@@ -3,9 +3,10 @@
 Peak memory, one configuration at a time. CUDA: ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``, minus what was allocated before the step. CPU: in a subprocess
 of its own (``python -m bench.measure peak JSON``) with ``MALLOC_MMAP_THRESHOLD_=65536``, so
-freed tensors go back to the operating system; after a warm-up step the kernel's high-water
-mark is reset (``/proc/self/clear_refs``) and the peak is ``VmHWM`` after the step minus
-``VmRSS`` before.
+freed tensors go back to the operating system; after a warm-up step the heap is trimmed
+(``malloc_trim``, so pages the warm-up freed are not reused uncounted), the kernel's
+high-water mark is reset (``/proc/self/clear_refs``) and the peak is ``VmHWM`` after the
+step minus ``VmRSS`` before.
 
 Time, all methods of a workload together (on CPU in one subprocess, ``python -m
 bench.measure times JSON``): after a warm-up step each, every round runs one step of each
@@ -28,9 +29,9 @@ import torch
 
 from .workloads import build, peer_missing
 
-CPU_METHOD = ("peak: VmHWM - VmRSS of a subprocess per configuration (clear_refs after warm-up, "
-              "MALLOC_MMAP_THRESHOLD_=65536); time: median over rounds that run one step of every method "
-              "in turn, in one process, with glibc keeping freed memory")
+CPU_METHOD = ("peak: VmHWM - VmRSS of a subprocess per configuration (malloc_trim and clear_refs after "
+              "warm-up, MALLOC_MMAP_THRESHOLD_=65536); time: median over rounds that run one step of every "
+              "method in turn, in one process, with glibc keeping freed memory")
 CUDA_METHOD = ("peak: torch.cuda.max_memory_allocated minus allocated before the step; time: median over "
                "rounds that run one step of every method in turn")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc)
