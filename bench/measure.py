@@ -79,10 +79,6 @@ def peak_bytes(workload, method, device):
 
 def step_seconds(workload, methods, device, steps):
     """``{method: {"step_seconds"} or {"error"}}``: medians over ``steps`` interleaved rounds."""
-    if device.type == "cpu":
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
     steps_of, results = {}, {}
     for method in methods:
         try:
@@ -164,4 +160,7 @@ if __name__ == "__main__":
     if job == "peak":
         print(json.dumps(peak_bytes(spec["workload"], spec["method"], cpu)))
     else:
+        libc = ctypes.CDLL(None)  # keep freed memory, as a caching allocator would
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
         print(json.dumps(step_seconds(spec["workload"], spec["methods"], cpu, spec["steps"])))

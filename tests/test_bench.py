@@ -55,3 +55,21 @@ def test_kernels_job_says_why_it_measures_nothing_on_cpu(tmp_path):
 def test_bad_arguments_are_refused(tmp_path):
     proc = bench("--steps", "0", tmp_path=tmp_path)
     assert proc.returncode == 2 and "0 is not a positive integer" in proc.stderr
+
+
+def test_a_method_that_fails_is_reported_in_its_row_and_the_others_are_timed(monkeypatch):
+    from bench import measure
+
+    real_build = measure.build
+
+    def build(workload, method):
+        if method == "checkpoint":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real_build(workload, method)
+
+    monkeypatch.setattr(measure, "build", build)
+    workload = dict(kind="chain", depth=2, batch=2, channels=4, size=4)
+    times = measure.step_seconds(workload, ["eager", "checkpoint", "revtriton"], torch.device("cpu"), steps=3)
+    assert times["checkpoint"] == {"error": "out of memory: CUDA out of memory. Tried to allocate 2 GiB"}
+    assert list(times) == ["eager", "checkpoint", "revtriton"]
+    assert all(times[m]["step_seconds"] > 0 for m in ("eager", "revtriton"))
