@@ -178,6 +178,23 @@ def test_backward_frees_the_output_storage_once_nothing_else_can_read_it(monkeyp
         assert rel_err(p.grad, q.grad) <= 1e-5
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_chain_inside_activation_checkpointing_equals_eager(use_reentrant):
+    """torch.utils.checkpoint around a chain recomputes its output in backward (a fresh tensor
+    the chain's backward may free) and must still give eager's gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    chain = conv_chain(3)
+    twin, run = eager_twin(chain)
+    x = torch.randn(2, 4, 5, 5)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss_of(checkpoint(lambda t: chain(t) * 2, xa, use_reentrant=use_reentrant)).backward()
+    loss_of(run(xb) * 2).backward()
+    assert rel_err(xa.grad, xb.grad) <= 1e-5
+    for p, q in zip(chain.parameters(), twin.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-5
+
+
 @requires_cuda
 @pytest.mark.parametrize("make", [
     lambda: rt.ReversibleBlock(conv_unit(8), conv_unit(8)),
