@@ -36,14 +36,14 @@ def _check(op, names, args, per_sample=()):
     index of dim 0 of the first operand, or are None.
     """
     first = args[0]
-    expected = [(name, t, first.shape, f"the shape of {names[0]}") for name, t in zip(names, args)]
-    expected += [(name, t, first.shape[:1], f"one value per index of dim 0 of {names[0]}")
-                 for name, t in zip(per_sample, args[len(names):]) if t is not None]
-    for name, t, shape, meaning in expected:
+    operands = [(name, t, first.shape) for name, t in zip(names, args)]
+    operands += [(name, t, first.shape[:1]) for name, t in zip(per_sample, args[len(names):]) if t is not None]
+    for name, t, shape in operands:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"revtriton::{op}: {name} is {got}; expected a floating-point tensor")
         if t.shape != shape:
+            meaning = f"the shape of {names[0]}" if name in names else f"one value per index of dim 0 of {names[0]}"
             raise ValueError(f"revtriton::{op}: {name} has shape {tuple(t.shape)}; expected "
                              f"{tuple(shape)}, {meaning}")
         if t.device != first.device:

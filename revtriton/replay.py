@@ -102,20 +102,24 @@ class Recorder:
         self.calls.append((dict(module.named_parameters()), start))
         return out
 
-    @contextlib.contextmanager
     def _replayed(self, rng_state):
-        with contextlib.ExitStack() as stack:
-            if rng_state is not None:
-                cuda = [self.device] if rng_state[1] is not None else []
-                stack.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
-                torch.set_rng_state(rng_state[0])
-                if cuda:
-                    torch.cuda.set_rng_state(rng_state[1], self.device)
-            for device_type, (enabled, dtype) in self.autocast.items():
-                if enabled or torch.is_autocast_enabled(device_type):  # else nothing to replay
-                    stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled,
-                                                       cache_enabled=self.autocast_cache))
-            yield
+        """A context that restores ``rng_state`` (or None) and the forward's autocast state;
+        a no-op when there is neither (deterministic F and G, autocast off throughout)."""
+        autocasts = [torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=self.autocast_cache)
+                     for device_type, (enabled, dtype) in self.autocast.items()
+                     if enabled or torch.is_autocast_enabled(device_type)]
+        if rng_state is None and not autocasts:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if rng_state is not None:
+            cuda = [self.device] if rng_state[1] is not None else []
+            stack.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
+            torch.set_rng_state(rng_state[0])
+            if cuda:
+                torch.cuda.set_rng_state(rng_state[1], self.device)
+        for autocast in autocasts:
+            stack.enter_context(autocast)
+        return stack
 
     def replay_reversed(self):
         """A ``vjp(module, x, grad)`` for one backward: it replays the forward's calls from
