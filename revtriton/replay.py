@@ -71,8 +71,9 @@ class Recorder:
 
     Each forward call records the parameters it used (references, not copies) and, when it
     drew random numbers, the RNG state it started from. The recompute calls the module with
-    exactly those parameters (``torch.func.functional_call``), so gradients reach the tensors
-    the forward used even if the module's parameters were swapped since (torch.func, FSDP).
+    exactly those parameters (a plain call when they are still the module's own, else
+    ``torch.func.functional_call``), so gradients reach the tensors the forward used even if
+    the module's parameters were swapped since (torch.func, FSDP).
     """
 
     def __init__(self, device, preserve_rng_state=True):
