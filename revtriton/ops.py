@@ -90,14 +90,14 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
         getattr(kernels, kernel)(*args)
 
     def kernel_for(run):
-        def run_checked(*args):
+        def checked_kernel(*args):
             _refuse_autograd(name, tensor_names, args)
             _check(name, names, args, per_sample)
             for i in written:
                 if args[i] is not None:
                     torch.autograd.graph.increment_version(args[i])
             run(*args)
-        return run_checked
+        return checked_kernel
 
     _lib.impl(name, kernel_for(lambda *args: (launch if interpreting() else reference)(*args)), "CPU")
     _lib.impl(name, kernel_for(launch), "CUDA")

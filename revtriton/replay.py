@@ -111,16 +111,20 @@ class Recorder:
                      if enabled or torch.is_autocast_enabled(device_type)]
         if rng_state is None and not autocasts:
             return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        if rng_state is not None:
-            cuda = [self.device] if rng_state[1] is not None else []
-            stack.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
-            torch.set_rng_state(rng_state[0])
-            if cuda:
-                torch.cuda.set_rng_state(rng_state[1], self.device)
-        for autocast in autocasts:
-            stack.enter_context(autocast)
-        return stack
+        return self._replaying(rng_state, autocasts)
+
+    @contextlib.contextmanager
+    def _replaying(self, rng_state, autocasts):
+        with contextlib.ExitStack() as stack:
+            if rng_state is not None:
+                cuda = [self.device] if rng_state[1] is not None else []
+                stack.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
+                torch.set_rng_state(rng_state[0])
+                if cuda:
+                    torch.cuda.set_rng_state(rng_state[1], self.device)
+            for autocast in autocasts:
+                stack.enter_context(autocast)
+            yield
 
     def replay_reversed(self):
         """A ``vjp(module, x, grad)`` for one backward: it replays the forward's calls from
