@@ -1,49 +1,48 @@
 """Additive coupling kernels: ``a += b``, ``a -= b`` and the fused backward ``a -= b; c += d``.
 
-Each program handles ``BLOCK`` columns of one row; offsets are 64-bit so tensors over 2**31
-elements are addressed correctly. Arithmetic runs in fp32 (fp64 for fp64 tensors) and is
-rounded once on store.
+Each program handles one tile of rows (see :mod:`revtriton.kernels.layout`). Arithmetic runs in
+fp32 (fp64 for fp64 tensors) and is rounded once on store.
 """
 import triton
 import triton.language as tl
 
-from .layout import launch, row_cols
+from .layout import at, launch, tile
 
 
 @triton.jit
-def _add_kernel(a_ptr, b_ptr, a_stride, b_stride, n_cols,
-                SIGN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row, cols, mask = row_cols(n_cols, BLOCK)
-    a_ptrs = a_ptr + row * a_stride + cols
+def _add_kernel(a_ptr, b_ptr, a_stride, b_stride, n_rows, n_cols, sign: tl.float64,
+                ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    a_ptrs = at(a_ptr, a_stride, rows, cols)
     a = tl.load(a_ptrs, mask=mask).to(ACC)
-    b = tl.load(b_ptr + row * b_stride + cols, mask=mask).to(ACC)
-    tl.store(a_ptrs, (a + SIGN * b).to(a_ptr.dtype.element_ty), mask=mask)
+    b = tl.load(at(b_ptr, b_stride, rows, cols), mask=mask).to(ACC)
+    tl.store(a_ptrs, (a + tl.full((), sign, ACC) * b).to(a_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _sub_add_kernel(a_ptr, b_ptr, c_ptr, d_ptr, a_stride, b_stride, c_stride, d_stride, n_cols,
-                    ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row, cols, mask = row_cols(n_cols, BLOCK)
-    a_ptrs = a_ptr + row * a_stride + cols
-    c_ptrs = c_ptr + row * c_stride + cols
+def _sub_add_kernel(a_ptr, b_ptr, c_ptr, d_ptr, a_stride, b_stride, c_stride, d_stride, n_rows, n_cols,
+                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    a_ptrs = at(a_ptr, a_stride, rows, cols)
+    c_ptrs = at(c_ptr, c_stride, rows, cols)
     a = tl.load(a_ptrs, mask=mask).to(ACC)
-    b = tl.load(b_ptr + row * b_stride + cols, mask=mask).to(ACC)
+    b = tl.load(at(b_ptr, b_stride, rows, cols), mask=mask).to(ACC)
     c = tl.load(c_ptrs, mask=mask).to(ACC)
-    d = tl.load(d_ptr + row * d_stride + cols, mask=mask).to(ACC)
+    d = tl.load(at(d_ptr, d_stride, rows, cols), mask=mask).to(ACC)
     tl.store(a_ptrs, (a - b).to(a_ptr.dtype.element_ty), mask=mask)
     tl.store(c_ptrs, (c + d).to(c_ptr.dtype.element_ty), mask=mask)
 
 
 def add_(a, b):
     """In place ``a += b`` (the coupling forward, y1 = x1 + F(x2))."""
-    launch(_add_kernel, (a, b), mutated=(0,), SIGN=1.0)
+    launch(_add_kernel, (a, b), (0,), 1.0)
 
 
 def sub_(a, b):
     """In place ``a -= b`` (the coupling inverse, x1 = y1 - F(x2))."""
-    launch(_add_kernel, (a, b), mutated=(0,), SIGN=-1.0)
+    launch(_add_kernel, (a, b), (0,), -1.0)
 
 
 def sub_add_(a, b, c, d):
     """In one pass, ``a -= b`` and ``c += d`` (rebuild an input half, accumulate its gradient)."""
-    launch(_sub_add_kernel, (a, b, c, d), mutated=(0, 2))
+    launch(_sub_add_kernel, (a, b, c, d), (0, 2))

@@ -9,14 +9,16 @@
 ``s`` is the raw output of the scale function and ``ds`` the gradient flowing into it; the
 gradient flowing into ``t`` is ``dy2`` itself. ``ld`` and ``ld_grad`` hold one value per index
 of dim 0 (a sample), with any stride (autograd hands in expanded gradients), or are None.
-Each step is one pass over memory; arithmetic runs in fp32 (fp64 for fp64 tensors). The
-per-sample sum uses atomic adds: on a GPU its last bits depend on the order the blocks of a
-sample finish in.
+``clamp`` is a runtime argument: one compiled kernel serves every value, exact in fp64.
+Each step is one pass over memory; arithmetic runs in fp32 (fp64 for fp64 tensors). With a
+per-sample operand, rows never span samples, so a row's sample is found once per row (no
+integer division per element) and each row's sum is added with one relaxed atomic add: on a
+GPU the last bits of ``ld`` depend on the order the programs of a sample finish in.
 """
 import triton
 import triton.language as tl
 
-from .layout import launch, row_cols
+from .layout import at, launch_per_sample, tile
 
 
 @triton.jit
@@ -28,79 +30,60 @@ def _tanh(x):
 
 
 @triton.jit
-def _add_per_sample(ld_ptr, ld_stride, values, flat, mask, per_sample):
-    """``ld[flat // per_sample] += values``: one atomic add when the block lies in one sample."""
-    sample = flat // per_sample
-    first = tl.min(sample)  # lane 0 is always inside the row
-    last = tl.max(tl.where(mask, sample, first))
-    values = tl.where(mask, values, 0.0)
-    if first == last:
-        tl.atomic_add(ld_ptr + first * ld_stride, tl.sum(values).to(ld_ptr.dtype.element_ty))
-    else:
-        tl.atomic_add(ld_ptr + sample * ld_stride, values.to(ld_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _affine_kernel(x_ptr, s_ptr, t_ptr, x_stride, s_stride, t_stride, n_cols, ld_ptr, ld_stride, per_sample,
-                   INVERSE: tl.constexpr, CLAMP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row, cols, mask = row_cols(n_cols, BLOCK)
-    x_ptrs = x_ptr + row * x_stride + cols
+def _affine_kernel(x_ptr, s_ptr, t_ptr, x_stride, s_stride, t_stride, n_rows, n_cols,
+                   ld_ptr, ld_stride, rows_per_sample, clamp: tl.float64,
+                   INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    x_ptrs = at(x_ptr, x_stride, rows, cols)
     x = tl.load(x_ptrs, mask=mask).to(ACC)
-    s = CLAMP * _tanh(tl.load(s_ptr + row * s_stride + cols, mask=mask).to(ACC) / CLAMP)
-    t = tl.load(t_ptr + row * t_stride + cols, mask=mask).to(ACC)
+    s = tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC)
+    t = tl.load(at(t_ptr, t_stride, rows, cols), mask=mask).to(ACC)
+    c = tl.full((), clamp, ACC)
+    s = c * _tanh(s * (1 / c))
     if INVERSE:
         x = (x - t) / tl.exp(s)
     else:
         x = x * tl.exp(s) + t
     tl.store(x_ptrs, x.to(x_ptr.dtype.element_ty), mask=mask)
-    if ld_ptr is not None:
-        _add_per_sample(ld_ptr, ld_stride, s, row * n_cols + cols, mask, per_sample)
+    if ld_ptr is not None:  # one atomic add per row, into the row's sample
+        row_sums = tl.sum(tl.where(mask, s, 0.0), axis=1)
+        tl.atomic_add(ld_ptr + (rows // rows_per_sample) * ld_stride, row_sums.to(ld_ptr.dtype.element_ty),
+                      mask=rows < n_rows, sem="relaxed")
 
 
 @triton.jit
 def _backward_kernel(y_ptr, dy_ptr, s_ptr, t_ptr, ds_ptr, y_stride, dy_stride, s_stride, t_stride, ds_stride,
-                     n_cols, ld_grad_ptr, ld_grad_stride, per_sample,
-                     CLAMP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row, cols, mask = row_cols(n_cols, BLOCK)
-    y_ptrs = y_ptr + row * y_stride + cols
-    dy_ptrs = dy_ptr + row * dy_stride + cols
+                     n_rows, n_cols, ld_grad_ptr, ld_grad_stride, rows_per_sample, clamp: tl.float64,
+                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    y_ptrs = at(y_ptr, y_stride, rows, cols)
+    dy_ptrs = at(dy_ptr, dy_stride, rows, cols)
     y = tl.load(y_ptrs, mask=mask).to(ACC)
     dy = tl.load(dy_ptrs, mask=mask).to(ACC)
-    th = _tanh(tl.load(s_ptr + row * s_stride + cols, mask=mask).to(ACC) / CLAMP)
-    t = tl.load(t_ptr + row * t_stride + cols, mask=mask).to(ACC)
-    scale = tl.exp(CLAMP * th)
+    c = tl.full((), clamp, ACC)
+    th = _tanh(tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC) * (1 / c))
+    t = tl.load(at(t_ptr, t_stride, rows, cols), mask=mask).to(ACC)
+    scale = tl.exp(c * th)
     shifted = y - t  # x2 * exp(s_c)
     ds = dy * shifted
-    if ld_grad_ptr is not None:
-        sample = (row * n_cols + cols) // per_sample
-        ds += tl.load(ld_grad_ptr + sample * ld_grad_stride, mask=mask).to(ACC)
+    if ld_grad_ptr is not None:  # one load per row, from the row's sample
+        ld_grad = tl.load(ld_grad_ptr + (rows // rows_per_sample) * ld_grad_stride, mask=rows < n_rows)
+        ds += ld_grad.to(ACC)[:, None]
     tl.store(y_ptrs, (shifted / scale).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(dy_ptrs, (dy * scale).to(dy_ptr.dtype.element_ty), mask=mask)
-    tl.store(ds_ptr + row * ds_stride + cols, (ds * (1 - th * th)).to(ds_ptr.dtype.element_ty), mask=mask)
-
-
-def _per_sample(x, samples):
-    """The stride of the per-sample tensor ``samples`` and how many elements of ``x`` (whose
-    dim 0 indexes samples) each of its entries covers."""
-    if samples is None:
-        return 0, 1
-    return samples.stride(0), x.numel() // max(1, samples.numel())
+    tl.store(at(ds_ptr, ds_stride, rows, cols), (ds * (1 - th * th)).to(ds_ptr.dtype.element_ty), mask=mask)
 
 
 def affine_forward_(x, s, t, ld, clamp):
     """In place ``x = x * exp(s_c) + t``; ``ld[i] += sum(s_c)`` over sample i unless ld is None."""
-    stride, per_sample = _per_sample(x, ld)
-    launch(_affine_kernel, (x, s, t), mutated=(0,), ld_ptr=ld, ld_stride=stride, per_sample=per_sample,
-           INVERSE=False, CLAMP=clamp)
+    launch_per_sample(_affine_kernel, (x, s, t), (0,), ld, clamp, INVERSE=False)
 
 
 def affine_inverse_(y, s, t, clamp):
     """In place ``y = (y - t) / exp(s_c)``."""
-    launch(_affine_kernel, (y, s, t), mutated=(0,), ld_ptr=None, ld_stride=0, per_sample=1, INVERSE=True, CLAMP=clamp)
+    launch_per_sample(_affine_kernel, (y, s, t), (0,), None, clamp, INVERSE=True)
 
 
 def affine_backward_(y, dy, s, t, ds, ld_grad, clamp):
     """In one pass: ``y`` becomes x2, ``dy`` becomes dx2 and ``ds`` the gradient into ``s``."""
-    stride, per_sample = _per_sample(y, ld_grad)
-    launch(_backward_kernel, (y, dy, s, t, ds), mutated=(0, 1, 4), ld_grad_ptr=ld_grad, ld_grad_stride=stride,
-           per_sample=per_sample, CLAMP=clamp)
+    launch_per_sample(_backward_kernel, (y, dy, s, t, ds), (0, 1, 4), ld_grad, clamp)

@@ -1,8 +1,17 @@
-"""Address same-shaped tensors as ``n_rows`` rows of ``n_cols`` contiguous elements.
+"""Address same-shaped tensors as ``n_rows`` rows of ``n_cols`` contiguous elements, in tiles.
 
 A half of a contiguous tensor split along ``dim`` is such a view: the dimensions before
 ``dim`` collapse into rows, the half's slice of ``dim`` and everything after it is one
 contiguous run per row. Each tensor keeps its own row stride.
+
+A kernel program handles one tile of ``BLOCK_R`` rows by ``BLOCK_C`` columns, at most 4096
+elements (2048 in fp64: 64 bytes of each operand per thread of 8 warps, four 128-bit
+accesses): a long row is cut into tiles of one row, short rows are stacked into one tile, so
+that every program has a full block of work (not one warp per element for the halves of an
+``(N, 2)`` tensor) and a launch needs at most ``numel / 1024 + 1`` programs, far below the
+grid's limit of 2**31 - 1. Offsets are 64-bit, so tensors over 2**31 elements are addressed
+correctly; the division that finds a program's tile runs once per program, in 32 bits unless
+a row is longer than 2**31 elements.
 """
 import contextlib
 import math
@@ -10,6 +19,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+TILE_BYTES = 16384  # of each operand, in the arithmetic's dtype, per program
+MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on the x dimension of a grid
 
 
 def _trailing_contiguous(t, dims):
@@ -35,19 +47,22 @@ def _row_stride(t, outer):
     return stride
 
 
-def row_layout(tensors, mutated):
+def row_layout(tensors, mutated, keep_samples=False):
     """Return ``(n_rows, n_cols, tensors, row_strides)`` addressing every tensor as rows.
 
     ``tensors`` share one shape; those at the indices in ``mutated`` are written in place and
     must be addressable as they are. Any other tensor without a shared row layout is replaced
-    by a contiguous copy in the returned list. Raises ValueError for a mutated tensor that
+    by a contiguous copy in the returned list. With ``keep_samples``, dim 0 (the sample) is
+    never merged into a row, so each row lies in one sample and rows ``i * n_rows / N`` to
+    ``(i + 1) * n_rows / N - 1`` are sample ``i``'s. Raises ValueError for a mutated tensor that
     cannot be addressed (for example a transposed view).
     """
     shape = tensors[0].shape
     dims = [d for d, size in enumerate(shape) if size != 1]
+    innermost = len(dims) - (1 if keep_samples and dims and dims[0] == 0 else 0)
     tensors = list(tensors)
     while True:
-        inner = min(_trailing_contiguous(t, dims) for t in tensors)
+        inner = min(innermost, *(_trailing_contiguous(t, dims) for t in tensors))
         outer = dims[: len(dims) - inner]
         strides = [_row_stride(t, outer) if inner or not dims else None for t in tensors]
         bad = [i for i, s in enumerate(strides) if s is None]
@@ -66,10 +81,18 @@ def row_layout(tensors, mutated):
         tensors = [t.contiguous() if i not in mutated else t for i, t in enumerate(tensors)]
 
 
-def launch_config(n_cols):
-    """Block size (a power of two, at most 4096) and warp count for rows of ``n_cols``."""
-    block = min(4096, max(16, triton.next_power_of_2(n_cols)))
-    return block, max(1, min(8, block // 256))
+def tiling(n_rows, n_cols, acc_bytes=4):
+    """``(BLOCK_R, BLOCK_C, num_warps, programs)`` for ``n_rows`` rows of ``n_cols`` elements and
+    arithmetic in ``acc_bytes``-byte floats: tiles of up to TILE_BYTES (powers of two), 256
+    elements a warp in fp32 (128 in fp64), up to 8 warps."""
+    max_block = TILE_BYTES // acc_bytes
+    block_c = min(max_block, triton.next_power_of_2(n_cols))
+    block_r = min(triton.next_power_of_2(n_rows), max_block // block_c)
+    programs = triton.cdiv(n_rows, block_r) * triton.cdiv(n_cols, block_c)
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"{n_rows} rows of {n_cols} elements need {programs} programs; a launch takes at "
+                         f"most {MAX_PROGRAMS}")
+    return block_r, block_c, max(1, min(8, block_r * block_c * acc_bytes // 1024)), programs
 
 
 def accumulator(tensors):
@@ -78,23 +101,44 @@ def accumulator(tensors):
 
 
 @triton.jit
-def row_cols(n_cols, BLOCK: tl.constexpr):
-    """Row index and column offsets (int64) of this program, and the tail mask."""
-    pid = tl.program_id(0).to(tl.int64)
-    n_col_blocks = tl.cdiv(n_cols, BLOCK)
-    row = pid // n_col_blocks
-    cols = (pid % n_col_blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    return row, cols, cols < n_cols
+def tile(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's rows and columns (int64 vectors) and the mask of its tile's elements."""
+    pid = tl.program_id(0)
+    col_tiles = tl.cdiv(n_cols, BLOCK_C)
+    rows = (pid // col_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % col_tiles).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return rows, cols, (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
 
 
-def launch(kernel, tensors, mutated, **constexprs):
-    """Launch an elementwise row kernel whose arguments are ``*tensors, *row_strides, n_cols``."""
-    if tensors[0].numel() == 0:
-        return
-    n_rows, n_cols, tensors, strides = row_layout(tensors, mutated)
-    block, num_warps = launch_config(n_cols)
-    grid = (n_rows * triton.cdiv(n_cols, block),)
+@triton.jit
+def at(ptr, stride, rows, cols):
+    """Pointers to the elements ``rows x cols`` of a tensor whose rows are ``stride`` apart."""
+    return ptr + rows[:, None] * stride + cols[None, :]
+
+
+def _launch(kernel, layout, args, constexprs):
+    n_rows, n_cols, tensors, strides = layout
+    acc = accumulator(tensors)
+    block_r, block_c, num_warps, programs = tiling(n_rows, n_cols, acc.primitive_bitwidth // 8)
     device = torch.cuda.device(tensors[0].device) if tensors[0].is_cuda else contextlib.nullcontext()
     with device:
-        kernel[grid](*tensors, *strides, n_cols, ACC=accumulator(tensors), BLOCK=block,
-                     num_warps=num_warps, **constexprs)
+        kernel[(programs,)](*tensors, *strides, n_rows, n_cols, *args, ACC=acc, BLOCK_R=block_r, BLOCK_C=block_c,
+                            num_warps=num_warps, **constexprs)
+
+
+def launch(kernel, tensors, mutated, *scalars, **constexprs):
+    """Launch an elementwise tile kernel whose arguments are ``*tensors, *row_strides, n_rows,
+    n_cols, *scalars``, then the constexprs: ``constexprs``, ``ACC``, ``BLOCK_R``, ``BLOCK_C``."""
+    if tensors[0].numel():
+        _launch(kernel, row_layout(tensors, mutated), scalars, constexprs)
+
+
+def launch_per_sample(kernel, tensors, mutated, samples, *scalars, **constexprs):
+    """:func:`launch` for a kernel that also takes ``samples, its stride, rows_per_sample`` before
+    the scalars: ``samples`` holds one value per index of dim 0 of the tensors (or is None), and
+    row ``r`` lies in sample ``r // rows_per_sample``."""
+    if not tensors[0].numel():
+        return
+    layout = row_layout(tensors, mutated, keep_samples=samples is not None)
+    per_sample = (None, 0, 1) if samples is None else (samples, samples.stride(0), layout[0] // tensors[0].shape[0])
+    _launch(kernel, layout, (*per_sample, *scalars), constexprs)

@@ -1,9 +1,11 @@
 """The Triton kernels (through the interpreter on CPU) against float64 references."""
 import pytest
 import torch
+import triton
 
 from conftest import requires_cuda
 from revtriton import kernels
+from revtriton.kernels import layout
 from revtriton.blocks import halves
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -18,7 +20,7 @@ def assert_close_to_reference(out, ref):
 
 # (shape, dim): split along dim 1 of NCHW and the last dim of (batch, tokens, features),
 # with odd sizes that are not multiples of the block.
-SPLITS = [((3, 10, 5, 7), 1), ((2, 9, 14), -1), ((5, 6), 0), ((1, 2, 4099), 1)]
+SPLITS = [((3, 10, 5, 7), 1), ((2, 9, 14), -1), ((5, 6), 0), ((1, 2, 4099), 1), ((300, 2), 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -119,3 +121,35 @@ def test_cuda_64_bit_offsets():
     y1, y2 = halves(y, 0)
     kernels.add_(y2, b)
     assert y2[0, -8:].eq(1).all() and y2[0, :8].eq(1).all() and y1[0, -8:].eq(0).all()
+
+
+@pytest.mark.parametrize("n_rows,n_cols", [(1, 2**40), (2**33, 1), (2**20, 3), (7, 4097), (2**20, 2**20 + 1)])
+@pytest.mark.parametrize("acc_bytes", [4, 8])
+def test_tiles_keep_the_grid_far_below_its_limit(n_rows, n_cols, acc_bytes):
+    """A tile holds whole short rows or a piece of a long row, at least half full, so a launch needs
+    at most numel / 1024 + 1 programs: the halves of an (N, 2) tensor no longer take one each."""
+    block_r, block_c, num_warps, programs = layout.tiling(n_rows, n_cols, acc_bytes)
+    assert block_r * block_c <= layout.TILE_BYTES // acc_bytes and 1 <= num_warps <= 8
+    assert programs == triton.cdiv(n_rows, block_r) * triton.cdiv(n_cols, block_c) <= layout.MAX_PROGRAMS
+    assert programs <= n_rows * n_cols // 1024 + 1
+
+
+def test_short_rows_are_stacked_into_one_tile():
+    assert layout.tiling(4096, 1) == (4096, 1, 8, 1)
+    assert layout.tiling(3, 5) == (4, 8, 1, 1)
+
+
+def test_a_grid_beyond_the_launch_limit_is_refused():
+    with pytest.raises(ValueError, match="need 4294967296 programs; a launch takes at most 2147483647"):
+        layout.tiling(2**44, 1)
+
+
+def test_per_sample_rows_never_span_two_samples():
+    """Halves split along dim 2: rows are (sample, channel) pairs, four rows to a sample."""
+    x = torch.randn(3, 4, 6, 5)
+    (n_rows, n_cols, _, strides), kept = layout.row_layout([x[:, :, 3:]], (0,)), \
+        layout.row_layout([x[:, :, 3:]], (0,), keep_samples=True)
+    assert (n_rows, n_cols) == (12, 15) and kept[:2] == (12, 15)
+    flat = torch.randn(3, 10)
+    assert layout.row_layout([flat], (0,))[:2] == (1, 30)
+    assert layout.row_layout([flat], (0,), keep_samples=True)[:2] == (3, 10)
