@@ -2,7 +2,7 @@
 import argparse
 import os
 
-from . import drift, kernels, suite, train
+from . import compiled, drift, kernels, suite, train
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -16,17 +16,23 @@ def positive(text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("job", nargs="?", default="suite", choices=("suite", "kernels", "train", "drift"))
+    parser.add_argument("job", nargs="?", default="suite", choices=("suite", "kernels", "train", "drift", "compiled"))
     parser.add_argument("--preset", default="cpu", choices=("cpu", "gpu", "tiny"),
                         help="workload sizes: cpu (default), gpu (the H200 check) or tiny (tests)")
     parser.add_argument("--peers", action="store_true", help="also measure memcnn and revlib when installed")
     parser.add_argument("--steps", type=positive, default=5, help="timed steps per row (median)")
+    parser.add_argument("--target", action="append", choices=tuple(compiled.TARGETS),
+                        help="compiled: a GPU target to compile for (repeatable; default: all)")
+    parser.add_argument("--layout", action="append", choices=tuple(compiled.LAYOUTS),
+                        help="compiled: a layout of the kernels' operands (repeatable; default: all)")
     parser.add_argument("--out", default=RESULTS, help="folder for JSON, Markdown and PNG results")
     args = parser.parse_args(argv)
     if args.job == "suite":
         suite.main(args.preset, args.peers, args.out, args.steps)
     elif args.job == "kernels":
         kernels.main(args.out)
+    elif args.job == "compiled":
+        compiled.main(args.target or tuple(compiled.TARGETS), args.layout or tuple(compiled.LAYOUTS), args.out)
     elif args.job == "train":
         train.main(args.out)
     else:

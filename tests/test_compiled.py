@@ -1,0 +1,98 @@
+"""Every kernel launch a chain or op can make compiles ahead of time, on this CPU-only machine, for
+CUDA sm_80, sm_90 and sm_100 and AMD gfx942, into the code a memory-bound kernel should be
+(``python -m bench compiled``; the launches and figures are described in bench/compiled.py)."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.compiled import LAYOUTS, PRECISIONS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONTIGUOUS = ("long", "strided")  # rows of 8192 elements whose row strides are multiples of 16
+
+
+# sm_90 (the GPU this project validates on) gets every layout; the other targets long and short rows
+RUNS = {("sm_90",): tuple(LAYOUTS), ("sm_80", "sm_100", "gfx942"): ("long", "short")}
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    found = []
+    for targets, layouts in RUNS.items():
+        out = tmp_path_factory.mktemp("compiled")
+        args = [f"--target={t}" for t in targets] + [f"--layout={layout}" for layout in layouts]
+        proc = subprocess.run([sys.executable, "-m", "bench", "compiled", *args, "--out", str(out)], cwd=ROOT,
+                              env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (path,) = out.glob("compiled-*.json")
+        found += json.loads(path.read_text())["rows"]
+    return found
+
+
+def test_every_launch_compiles_for_every_target(rows):
+    from bench.compiled import launches
+
+    expected = {(t, launch, layout, precision) for targets, layouts in RUNS.items()
+                for t, layout, precision in itertools.product(targets, layouts, PRECISIONS)
+                for launch in launches(layout, precision)}
+    assert {(r["target"], r["launch"], r["layout"], r["precision"]) for r in rows} == expected
+    assert len(rows) == len(expected) == 12 * 5 * (4 + 3 * 2)
+
+
+def test_no_kernel_spills_registers(rows):
+    spilled = [(r["target"], r["launch"], r["layout"], r["precision"], r["spill_bytes"]) for r in rows
+               if r["spill_bytes"]]
+    assert not spilled
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90", "sm_100"])
+def test_contiguous_rows_move_128_bits_per_access(rows, target):
+    """Every precision (an fp32 stream with bf16 operands too, as under autocast) loads and stores
+    every element with 128-bit accesses; what is left is one value per row: ``ld_grad``."""
+    for r in rows:
+        if r["target"] == target and r["layout"] in CONTIGUOUS:
+            name = (r["launch"], r["layout"], r["precision"])
+            assert r["wide_loads"] > 0 and r["wide_stores"] > 0, name
+            assert r["narrow_stores"] == 0, name
+            assert r["narrow_loads"] == (1 if r["launch"] == "affine_backward_ld" else 0), name
+
+
+def test_amd_contiguous_fp32_rows_move_128_bits_per_access(rows):
+    for r in rows:
+        if r["target"] == "gfx942" and r["layout"] in CONTIGUOUS and r["precision"] == "fp32":
+            assert r["wide_loads"] > 0 and r["wide_stores"] > 0, r["launch"]
+
+
+def test_no_64_bit_integer_division(rows):
+    """Finding a program's tile divides once per program in 32 bits; a row's sample needs no
+    division where rows are samples (rows_per_sample == 1 compiles as a constant)."""
+    assert [r for r in rows if r["div64"]] == []
+
+
+def test_the_log_det_adds_one_relaxed_atomic_per_program_on_long_rows(rows):
+    for r in rows:
+        if r["target"] == "sm_90" and r["launch"] == "affine_forward_ld" and r["layout"] in CONTIGUOUS:
+            assert r["atomics"] == ["red.global.gpu.relaxed.add.f64" if r["precision"] == "fp64"
+                                    else "red.global.gpu.relaxed.add.f32"], r["atomics"]
+        else:
+            assert r["atomics"] == [] or r["launch"] == "affine_forward_ld", (r["launch"], r["atomics"])
+
+
+def test_one_compiled_kernel_serves_every_scale_momentum_and_sign(rows):
+    """``clamp``, ``beta`` and the sign of ``add_``/``sub_`` are runtime fp64 arguments: the launchers
+    choose only the dtype, the tile and the affine direction at compile time."""
+    specialised = {"n_rows", "n_cols", "rows_per_sample"}  # by Triton: ints equal to 1, pointers that are None
+    chosen = {name for r in rows for name in r["constexprs"]
+              if name not in specialised and not name.endswith(("_stride", "_ptr"))}
+    assert chosen == {"ACC", "BLOCK_R", "BLOCK_C", "INVERSE"}
+    scalars = {(name, r["signature"][name]) for r in rows for name in ("sign", "clamp", "beta") if name in r["signature"]}
+    assert scalars == {("sign", "fp64"), ("clamp", "fp64"), ("beta", "fp64")}  # exact in fp64 kernels
+    for r in rows:
+        if r["launch"] == "sub_":
+            (twin,) = [a for a in rows if a["launch"] == "add_" and
+                       all(a[k] == r[k] for k in ("target", "layout", "precision"))]
+            assert twin["constexprs"] == r["constexprs"]
