@@ -1,8 +1,25 @@
-"""The suite's results as a table on stdout, and as JSON, Markdown and a PNG plot on disk."""
+"""Results as tables on stdout, and as JSON, Markdown and a PNG plot on disk."""
+import datetime
 import json
 import math
+import os
+import platform
+
+import torch
 
 COLUMNS = ("workload", "method", "peak MiB", "x eager", "step ms", "x eager ")
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def meta(device, **fields):
+    """What every result file records: the device, today's date, torch's version, and ``fields``."""
+    return {"device": device_name(device), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            **fields}
 
 
 def add_ratios(rows):
@@ -23,17 +40,35 @@ def cells(r):
             f"{r['step_seconds'] * 1e3:.1f}", f"{r.get('time_ratio', math.nan):.2f}"]
 
 
-def table(rows):
-    """A fixed-width text table."""
-    lines = [COLUMNS] + [cells(r) for r in rows]
-    widths = [max(len(str(line[i])) for line in lines if len(line) > i) for i in range(len(COLUMNS))]
+def text_table(columns, lines):
+    """A fixed-width text table of ``lines`` (lists of cells) under ``columns``."""
+    lines = [columns] + lines
+    widths = [max(len(str(line[i])) for line in lines if len(line) > i) for i in range(len(columns))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def markdown(rows, header):
-    out = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    out += ["| " + " | ".join(cells(r)) + " |" for r in rows]
-    return "\n".join(out) + "\n"
+def markdown_row(line):
+    return "| " + " | ".join(str(c) for c in line) + " |"
+
+
+def markdown_table(columns, lines):
+    """A Markdown table of ``lines`` (lists of cells) under ``columns``."""
+    return "\n".join([markdown_row(columns), "|" + "---|" * len(columns)] + [markdown_row(line) for line in lines])
+
+
+def table(rows):
+    """The suite's rows as a fixed-width text table."""
+    return text_table(COLUMNS, [cells(r) for r in rows])
+
+
+def write(stem, meta, rows, markdown):
+    """Write ``stem``.json (``meta`` and ``rows``) and ``stem``.md (``markdown``); return a message."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(f"{stem}.json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(f"{stem}.md", "w") as f:
+        f.write(markdown)
+    return f"results: {stem}.json, {stem}.md"
 
 
 NO_PLOT = "matplotlib is not installed (pip install -e .[plot]): no plot"
@@ -73,9 +108,6 @@ def plot(rows, path):
 
 def save(rows, meta, stem):
     """Write ``stem``.json, ``stem``.md and ``stem``.png; return the paths written, as messages."""
-    with open(f"{stem}.json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    header = f"# python -m bench ({meta['device']}, {meta['date']})\n\nMemory: {meta['memory_method']}."
-    with open(f"{stem}.md", "w") as f:
-        f.write(markdown(rows, header))
-    return [f"results: {stem}.json, {stem}.md", plot(rows, f"{stem}.png")]
+    header = f"# python -m bench ({meta['device']}, {meta['date']})\n\nMemory: {meta['memory_method']}.\n\n"
+    markdown = header + markdown_table(COLUMNS, [cells(r) for r in rows]) + "\n"
+    return [write(stem, meta, rows, markdown), plot(rows, f"{stem}.png")]

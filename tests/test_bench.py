@@ -1,4 +1,5 @@
-"""``python -m bench`` end to end on a tiny workload (the plain PyTorch CPU path, as users run it)."""
+"""``python -m bench``: end to end on a tiny workload (the plain PyTorch CPU path, as users run it),
+and the kernel benchmark's cases."""
 import importlib.util
 import json
 import math
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from bench import kernels, report
 from bench.measure import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,3 +75,68 @@ def test_a_method_that_fails_is_reported_in_its_row_and_the_others_are_timed(mon
     assert times["checkpoint"] == {"error": "out of memory: CUDA out of memory. Tried to allocate 2 GiB"}
     assert list(times) == ["eager", "checkpoint", "revtriton"]
     assert all(times[m]["step_seconds"] > 0 for m in ("eager", "revtriton"))
+
+
+# python -m bench kernels: the case table, on CPU (the fused ops through Triton's interpreter)
+
+CASE_IDS = [case.name for case in kernels.CASES]
+
+
+@pytest.mark.parametrize("dtype", list(kernels.DTYPES.values()), ids=list(kernels.DTYPES))
+@pytest.mark.parametrize("case", kernels.CASES, ids=CASE_IDS)
+def test_each_kernel_case_and_its_eager_equivalent_compute_the_same_values(case, dtype):
+    fused, eager = kernels.outcomes(case, 4 * 8192, dtype, "cpu", samples=4)
+    assert len(fused) == len(case.writes)
+    torch.testing.assert_close(fused, eager)  # bf16: the interpreter truncates, so up to one ulp
+
+
+def _after(op, tensors):
+    copies = [t.clone() for t in tensors]
+    op(*copies)
+    return copies
+
+
+@pytest.mark.parametrize("dtype", list(kernels.DTYPES.values()), ids=list(kernels.DTYPES))
+@pytest.mark.parametrize("case", kernels.CASES, ids=CASE_IDS)
+def test_each_kernel_case_counts_the_bytes_its_op_reads_plus_writes(case, dtype):
+    n, samples = 4 * 256, 4
+    tensors = kernels.inputs(case, n, dtype, "cpu", samples)
+    after = _after(case.fused, tensors)
+    written = [i for i, (t, a) in enumerate(zip(tensors, after)) if not torch.equal(t, a)]
+    read = [i for i in range(len(tensors))  # changing its value changes what the op writes
+            if any(not torch.equal(a[j], after[j])
+                   for a in [_after(case.fused, [t + 1 if k == i else t for k, t in enumerate(tensors)])]
+                   for j in written)]
+    assert ({case.args[i] for i in read}, {case.args[i] for i in written}) == (set(case.reads), set(case.writes))
+    observed = sum(tensors[i].nbytes for i in read) + sum(tensors[i].nbytes for i in written)
+    assert kernels.moved_bytes(case, n, dtype, samples) == observed
+
+
+@pytest.mark.parametrize("case", kernels.CASES, ids=CASE_IDS)
+def test_each_kernel_case_stays_finite_over_the_calls_of_a_timed_loop(case):
+    for dtype in kernels.DTYPES.values():
+        tensors = kernels.inputs(case, 2**16, dtype, "cpu")
+        for _ in range(kernels.CALLS):
+            case.eager(*tensors)  # the fused op's values (see above), without the interpreter's slowness
+        assert all(t.isfinite().all() for t in tensors), (case.name, dtype)
+
+
+def test_kernel_inputs_refuse_a_size_that_does_not_split_into_samples():
+    with pytest.raises(ValueError, match="n=100 elements; expected a multiple of samples=64"):
+        kernels.inputs(kernels.CASES[0], 100, torch.float32, "cpu")
+
+
+def test_kernel_results_are_written_as_json_and_markdown_named_by_device_kind_and_date(tmp_path):
+    meta = report.meta(torch.device("cpu"), copy_gbs=4000.0, calls=kernels.CALLS, loops=kernels.LOOPS)
+    case = kernels.CASES[2]  # coupling_backward: reads 4 tensors, writes 2
+    rows = [kernels.row(case, 2**24, "bf16", {"fused": 1e-4, "eager": 2e-4}, meta["copy_gbs"])]
+    assert rows[0]["bytes"] == 6 * 2**24 * 2
+    assert (rows[0]["fused_gbs"], rows[0]["eager_of_copy"], rows[0]["time_ratio"]) == pytest.approx(
+        (6 * 2**25 / 1e-4 / 1e9, 6 * 2**25 / 2e-4 / 1e9 / 4000, 0.5))
+    assert kernels.save(rows, meta, str(tmp_path)) == (f"results: {tmp_path}/kernels-cuda-{meta['date']}.json, "
+                                                       f"{tmp_path}/kernels-cuda-{meta['date']}.md")
+    saved = json.loads((tmp_path / f"kernels-cuda-{meta['date']}.json").read_text())
+    assert saved == {"meta": meta, "rows": rows}
+    table = (tmp_path / f"kernels-cuda-{meta['date']}.md").read_text().splitlines()
+    assert table[-1] == "| coupling_backward | bf16 | 2^24 | 192 | 100 | 2013 | 50% | 200 | 1007 | 25% | 0.50 |"
+
