@@ -86,21 +86,43 @@ def pyplot():
     return plt
 
 
+def sweep_figure(plt, rows):
+    """The depth sweeps side by side: peak memory and step time as a ratio to eager against
+    depth, one line per method and sweep (chain solid, affine dotted), depths as integers."""
+    from matplotlib.ticker import LogFormatter
+
+    sweep = [r for r in rows if r.get("kind") in ("chain", "affine") and "error" not in r]
+    depths = sorted({r["depth"] for r in sweep})
+    fig, (memory, time) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    colors = {}
+    for kind, method in dict.fromkeys((r["kind"], r["method"]) for r in sweep):
+        line = [r for r in sweep if (r["kind"], r["method"]) == (kind, method)]
+        style = dict(marker="o", color=colors.setdefault(method, f"C{len(colors)}"),
+                     linestyle="-" if kind == "chain" else ":",
+                     label=method if kind == "chain" else f"{method} (affine)")
+        for ax, field, unit in ((memory, "peak_bytes", 2**20), (time, "time_ratio", 1)):
+            points = sorted((r["depth"], r[field] / unit) for r in line if field in r)
+            if points:
+                ax.plot(*zip(*points), **style)
+    memory.set(xlabel="depth (reversible blocks)", ylabel="peak step memory (MiB)", yscale="log",
+               title="Peak memory of one training step")
+    time.set(xlabel="depth (reversible blocks)", ylabel="step time (x eager)", title="Step time relative to eager")
+    memory.set_xscale("log")  # shared: both panels
+    for set_formatter in (memory.yaxis.set_major_formatter, memory.yaxis.set_minor_formatter):
+        set_formatter(LogFormatter(labelOnlyBase=False))  # 20, 50, 200, not 2x10^1
+    memory.set_xticks(depths, [str(d) for d in depths])
+    memory.set_xticks([], minor=True)
+    memory.legend()
+    fig.tight_layout()
+    return fig
+
+
 def plot(rows, path):
-    """Peak memory against depth per method, for the depth sweep. Returns a message."""
+    """Write the depth sweeps' figure (:func:`sweep_figure`) to ``path``. Returns a message."""
     plt = pyplot()
     if plt is None:
         return NO_PLOT
-    sweep = [r for r in rows if r.get("kind") in ("chain", "affine") and "error" not in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, method in dict.fromkeys((r["kind"], r["method"]) for r in sweep):
-        points = sorted((r["depth"], r["peak_bytes"] / 2**20) for r in sweep if (r["kind"], r["method"]) == (kind, method))
-        ax.plot(*zip(*points), marker="o", label=method if kind == "chain" else f"{method} (affine)",
-                linestyle="-" if kind == "chain" else ":")
-    ax.set(xlabel="depth (reversible blocks)", ylabel="peak step memory (MiB)", xscale="log", yscale="log",
-           title="Peak memory of one training step")
-    ax.legend()
-    fig.tight_layout()
+    fig = sweep_figure(plt, rows)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return f"plot: {path}"

@@ -1,9 +1,10 @@
 """``python -m bench``: end to end on a tiny workload (the plain PyTorch CPU path, as users run it),
-and the kernel benchmark's cases."""
+the kernel benchmark's cases and the plot."""
 import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -139,4 +140,47 @@ def test_kernel_results_are_written_as_json_and_markdown_named_by_device_kind_an
     assert saved == {"meta": meta, "rows": rows}
     table = (tmp_path / f"kernels-cuda-{meta['date']}.md").read_text().splitlines()
     assert table[-1] == "| coupling_backward | bf16 | 2^24 | 192 | 100 | 2013 | 50% | 200 | 1007 | 25% | 0.50 |"
+
+
+# the plot
+
+def _sweep_rows():
+    rows = []
+    for kind, methods in (("chain", ("eager", "checkpoint", "revtriton")), ("affine", ("eager", "revtriton"))):
+        for depth in (4, 16, 64):
+            for i, method in enumerate(methods):
+                rows.append(dict(workload=f"{kind} depth {depth}", kind=kind, depth=depth, method=method,
+                                 peak_bytes=(depth if method == "eager" else 2) * 2**20, time_ratio=1 + 0.2 * i))
+    return rows + [dict(workload="revnet38", kind="cifar", method="eager", peak_bytes=2**20, time_ratio=1.0)]
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "sweep.png"
+    assert report.plot(_sweep_rows(), str(path)) == f"plot: {path}"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_shows_memory_and_time_ratio_against_depths_labelled_as_integers():
+    pytest.importorskip("matplotlib")
+    plt = report.pyplot()
+    fig = report.sweep_figure(plt, _sweep_rows())
+    try:
+        fig.canvas.draw()
+        memory, time = fig.axes
+        for ax in (memory, time):
+            assert [label.get_text() for label in ax.get_xticklabels()] == ["4", "16", "64"]
+            assert ax.get_xticklabels(minor=True) == []
+            assert {(line.get_label(), line.get_linestyle()) for line in ax.lines} == {
+                ("eager", "-"), ("checkpoint", "-"), ("revtriton", "-"), ("eager (affine)", ":"),
+                ("revtriton (affine)", ":")}
+        assert (memory.get_ylabel(), time.get_ylabel()) == ("peak step memory (MiB)", "step time (x eager)")
+        memory_ticks = [label.get_text() for minor in (False, True) for label in memory.get_yticklabels(minor=minor)]
+        assert "20" in memory_ticks and all(re.fullmatch(r"[0-9.]*", text) for text in memory_ticks), memory_ticks
+        (revtriton,) = [line for line in time.lines if line.get_label() == "revtriton"]
+        assert list(revtriton.get_xdata()) == [4, 16, 64] and list(revtriton.get_ydata()) == [1.4, 1.4, 1.4]
+        (eager,) = [line for line in memory.lines if line.get_label() == "eager"]
+        assert list(eager.get_ydata()) == [4, 16, 64]
+    finally:
+        plt.close(fig)
 
