@@ -1,5 +1,5 @@
 """``python -m bench``: end to end on a tiny workload (the plain PyTorch CPU path, as users run it),
-the kernel benchmark's cases and the plot."""
+the kernel benchmark's cases, the plot and ``--build-only``."""
 import importlib.util
 import json
 import math
@@ -11,8 +11,11 @@ import sys
 import pytest
 import torch
 
-from bench import kernels, report
+from bench import __main__ as cli
+from bench import kernels, report, suite
 from bench.measure import run
+from bench.workloads import as_method, build, build_reversible, by_method, label
+from revtriton import saved_activation_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,4 +186,69 @@ def test_plot_shows_memory_and_time_ratio_against_depths_labelled_as_integers():
         assert list(eager.get_ydata()) == [4, 16, 64]
     finally:
         plt.close(fig)
+
+
+# --build-only
+
+def test_build_only_prints_each_model_of_the_preset_and_measures_nothing(tmp_path):
+    proc = bench("--preset", "tiny", "--build-only", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    expected = []
+    for workload, methods in suite.plan("tiny", peers=False):
+        for method in methods:
+            model, x = build(workload, method)[:2]
+            expected.append(f"{label(workload)}  {method}: {sum(p.numel() for p in model.parameters()):,} "
+                            f"parameters, input {tuple(x.shape)}")
+    assert proc.stdout.splitlines() == expected
+    assert not list(tmp_path.iterdir())
+
+
+def test_build_only_names_every_failure_and_exits_non_zero_after_trying_all(monkeypatch, capsys):
+    real_by_method, real_build = suite.by_method, suite.build_reversible
+
+    def by_method(workload, model, method):
+        if method == "checkpoint":
+            raise RuntimeError("no checkpoint today")
+        return real_by_method(workload, model, method)
+
+    def build_reversible(workload):
+        if workload["kind"] == "transformer":
+            raise torch.OutOfMemoryError("CPU out of memory")
+        return real_build(workload)
+
+    monkeypatch.setattr(suite, "by_method", by_method)
+    monkeypatch.setattr(suite, "build_reversible", build_reversible)
+    with pytest.raises(SystemExit, match=r"5 \(workload, method\) failed to build"):
+        cli.main(["--preset", "tiny", "--build-only"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 13
+    assert "chain depth 4  checkpoint: FAILED RuntimeError: no checkpoint today" in lines
+    assert "transformer 2x32  eager: FAILED out of memory: CPU out of memory" in lines
+    assert any(line.startswith("chain depth 4  revtriton: ") and "parameters" in line for line in lines)
+
+
+def test_as_method_switches_one_model_between_methods_as_if_built_for_each():
+    workload = dict(kind="chain", depth=3, batch=2, channels=4, size=4)
+    model, x = build_reversible(workload)[:2]
+    saved = {}
+    for method in ("checkpoint", "revtriton", "eager", "checkpoint", "eager", "revtriton"):
+        fresh, fresh_x = build(workload, method)[:2]
+        got = saved_activation_bytes(as_method(model, method), x.detach().requires_grad_())[1]
+        saved[method] = saved_activation_bytes(fresh, fresh_x.requires_grad_())[1]
+        assert got == saved[method], method
+    assert len(set(saved.values())) == 3
+
+
+def test_by_method_refuses_an_unknown_method_and_a_peer_on_a_workload_it_cannot_wrap():
+    workload = dict(kind="affine", depth=2, batch=2, channels=4, size=4)
+    model = build_reversible(workload)[0]
+    with pytest.raises(ValueError, match="method='fast'; expected one of eager, checkpoint, revtriton, memcnn, revlib"):
+        by_method(workload, model, "fast")
+    with pytest.raises(ValueError, match="method='revlib' for a workload of kind 'affine'; expected kind 'chain'"):
+        by_method(workload, model, "revlib")
+
+
+def test_build_only_goes_with_the_suite_only(tmp_path):
+    proc = bench("kernels", "--build-only", tmp_path=tmp_path)
+    assert proc.returncode == 2 and "--build-only goes with the suite job, not 'kernels'" in proc.stderr
 
