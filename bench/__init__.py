@@ -3,8 +3,13 @@
 Subcommands (``python -m bench --help``):
 
 - ``suite`` (default): peak memory and median time of one training step for a depth sweep
-  and the reference models, per method (eager, checkpoint, revtriton, peers).
-- ``kernels``: GB/s of each fused kernel and its unfused eager equivalent (CUDA only).
+  and the reference models, per method (eager, checkpoint, revtriton, peers); JSON,
+  Markdown and a plot of memory and step time (x eager) against depth.
+  ``--build-only`` builds every model and input of the preset for every method, runs no
+  step and prints a line each (a CPU dry run of a GPU script); exit 1 if any fails.
+- ``kernels``: GB/s of each fused op against its unfused eager equivalent, and as a fraction
+  of the device's copy bandwidth, timed over loops of 100 calls on 2**24 to 2**28 elements
+  (CUDA only); JSON and Markdown.
 - ``train``: loss curves of a reversible model and its eager twin over 50 SGD steps.
 - ``drift``: reconstruction error of fp32 and bf16 streams against depth.
 """

@@ -1,6 +1,7 @@
 """Command line of ``python -m bench`` (see bench/__init__.py)."""
 import argparse
 import os
+import sys
 
 from . import compiled, drift, kernels, suite, train
 
@@ -26,8 +27,17 @@ def main(argv=None):
     parser.add_argument("--layout", action="append", choices=tuple(compiled.LAYOUTS),
                         help="compiled: a layout of the kernels' operands (repeatable; default: all)")
     parser.add_argument("--out", default=RESULTS, help="folder for JSON, Markdown and PNG results")
+    parser.add_argument("--build-only", action="store_true",
+                        help="suite only: build every model and input of the preset for every method, run no "
+                             "step, print a line each (a dry run of a GPU script on CPU); exit 1 if any fails")
     args = parser.parse_args(argv)
-    if args.job == "suite":
+    if args.build_only and args.job != "suite":
+        parser.error(f"--build-only goes with the suite job, not {args.job!r}")
+    if args.build_only:
+        failures = suite.build_only(args.preset, args.peers)
+        if failures:
+            sys.exit(f"python -m bench --build-only: {failures} (workload, method) failed to build")
+    elif args.job == "suite":
         suite.main(args.preset, args.peers, args.out, args.steps)
     elif args.job == "kernels":
         kernels.main(args.out)

@@ -86,7 +86,7 @@ def step_seconds(workload, methods, device, steps):
             steps_of[method]()  # warm-up
         except Exception as e:  # one method's failure is reported in its row
             steps_of.pop(method, None)
-            results[method] = {"error": _describe(e)}
+            results[method] = {"error": describe(e)}
     times = {method: [] for method in steps_of}
     for r in range(steps):
         order = list(steps_of)
@@ -98,13 +98,14 @@ def step_seconds(workload, methods, device, steps):
                 steps_of[method]()
                 times[method].append(_now(device) - t0)
             except Exception as e:
-                results[method] = {"error": _describe(e)}
+                results[method] = {"error": describe(e)}
     for method, ts in times.items():
         results.setdefault(method, {"step_seconds": statistics.median(ts)})
     return {method: results[method] for method in methods}
 
 
-def _describe(e):
+def describe(e):
+    """An exception in one line: out-of-memory errors by their first line, others with their type."""
     if isinstance(e, torch.OutOfMemoryError):
         return f"out of memory: {str(e).splitlines()[0]}"
     return f"{type(e).__name__}: {e}"
@@ -138,7 +139,7 @@ def run(workload, methods, device, steps=5):
             try:
                 rows[method] = peak_bytes(workload, method, device)
             except Exception as e:
-                rows[method] = {"error": _describe(e)}
+                rows[method] = {"error": describe(e)}
             finally:
                 torch.cuda.empty_cache()
         else:

@@ -1,8 +1,25 @@
-"""The suite's results as a table on stdout, and as JSON, Markdown and a PNG plot on disk."""
+"""Results as tables on stdout, and as JSON, Markdown and a PNG plot on disk."""
+import datetime
 import json
 import math
+import os
+import platform
+
+import torch
 
 COLUMNS = ("workload", "method", "peak MiB", "x eager", "step ms", "x eager ")
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def meta(device, **fields):
+    """What every result file records: the device, today's date, torch's version, and ``fields``."""
+    return {"device": device_name(device), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            **fields}
 
 
 def add_ratios(rows):
@@ -23,17 +40,35 @@ def cells(r):
             f"{r['step_seconds'] * 1e3:.1f}", f"{r.get('time_ratio', math.nan):.2f}"]
 
 
-def table(rows):
-    """A fixed-width text table."""
-    lines = [COLUMNS] + [cells(r) for r in rows]
-    widths = [max(len(str(line[i])) for line in lines if len(line) > i) for i in range(len(COLUMNS))]
+def text_table(columns, lines):
+    """A fixed-width text table of ``lines`` (lists of cells) under ``columns``."""
+    lines = [columns] + lines
+    widths = [max(len(str(line[i])) for line in lines if len(line) > i) for i in range(len(columns))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def markdown(rows, header):
-    out = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    out += ["| " + " | ".join(cells(r)) + " |" for r in rows]
-    return "\n".join(out) + "\n"
+def markdown_row(line):
+    return "| " + " | ".join(str(c) for c in line) + " |"
+
+
+def markdown_table(columns, lines):
+    """A Markdown table of ``lines`` (lists of cells) under ``columns``."""
+    return "\n".join([markdown_row(columns), "|" + "---|" * len(columns)] + [markdown_row(line) for line in lines])
+
+
+def table(rows):
+    """The suite's rows as a fixed-width text table."""
+    return text_table(COLUMNS, [cells(r) for r in rows])
+
+
+def write(stem, meta, rows, markdown):
+    """Write ``stem``.json (``meta`` and ``rows``) and ``stem``.md (``markdown``); return a message."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(f"{stem}.json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(f"{stem}.md", "w") as f:
+        f.write(markdown)
+    return f"results: {stem}.json, {stem}.md"
 
 
 NO_PLOT = "matplotlib is not installed (pip install -e .[plot]): no plot"
@@ -51,21 +86,43 @@ def pyplot():
     return plt
 
 
+def sweep_figure(plt, rows):
+    """The depth sweeps side by side: peak memory and step time as a ratio to eager against
+    depth, one line per method and sweep (chain solid, affine dotted), depths as integers."""
+    from matplotlib.ticker import LogFormatter
+
+    sweep = [r for r in rows if r.get("kind") in ("chain", "affine") and "error" not in r]
+    depths = sorted({r["depth"] for r in sweep})
+    fig, (memory, time) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    colors = {}
+    for kind, method in dict.fromkeys((r["kind"], r["method"]) for r in sweep):
+        line = [r for r in sweep if (r["kind"], r["method"]) == (kind, method)]
+        style = dict(marker="o", color=colors.setdefault(method, f"C{len(colors)}"),
+                     linestyle="-" if kind == "chain" else ":",
+                     label=method if kind == "chain" else f"{method} (affine)")
+        for ax, field, unit in ((memory, "peak_bytes", 2**20), (time, "time_ratio", 1)):
+            points = sorted((r["depth"], r[field] / unit) for r in line if field in r)
+            if points:
+                ax.plot(*zip(*points), **style)
+    memory.set(xlabel="depth (reversible blocks)", ylabel="peak step memory (MiB)", yscale="log",
+               title="Peak memory of one training step")
+    time.set(xlabel="depth (reversible blocks)", ylabel="step time (x eager)", title="Step time relative to eager")
+    memory.set_xscale("log")  # shared: both panels
+    for set_formatter in (memory.yaxis.set_major_formatter, memory.yaxis.set_minor_formatter):
+        set_formatter(LogFormatter(labelOnlyBase=False))  # 20, 50, 200, not 2x10^1
+    memory.set_xticks(depths, [str(d) for d in depths])
+    memory.set_xticks([], minor=True)
+    memory.legend()
+    fig.tight_layout()
+    return fig
+
+
 def plot(rows, path):
-    """Peak memory against depth per method, for the depth sweep. Returns a message."""
+    """Write the depth sweeps' figure (:func:`sweep_figure`) to ``path``. Returns a message."""
     plt = pyplot()
     if plt is None:
         return NO_PLOT
-    sweep = [r for r in rows if r.get("kind") in ("chain", "affine") and "error" not in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, method in dict.fromkeys((r["kind"], r["method"]) for r in sweep):
-        points = sorted((r["depth"], r["peak_bytes"] / 2**20) for r in sweep if (r["kind"], r["method"]) == (kind, method))
-        ax.plot(*zip(*points), marker="o", label=method if kind == "chain" else f"{method} (affine)",
-                linestyle="-" if kind == "chain" else ":")
-    ax.set(xlabel="depth (reversible blocks)", ylabel="peak step memory (MiB)", xscale="log", yscale="log",
-           title="Peak memory of one training step")
-    ax.legend()
-    fig.tight_layout()
+    fig = sweep_figure(plt, rows)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return f"plot: {path}"
@@ -73,9 +130,6 @@ def plot(rows, path):
 
 def save(rows, meta, stem):
     """Write ``stem``.json, ``stem``.md and ``stem``.png; return the paths written, as messages."""
-    with open(f"{stem}.json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    header = f"# python -m bench ({meta['device']}, {meta['date']})\n\nMemory: {meta['memory_method']}."
-    with open(f"{stem}.md", "w") as f:
-        f.write(markdown(rows, header))
-    return [f"results: {stem}.json, {stem}.md", plot(rows, f"{stem}.png")]
+    header = f"# python -m bench ({meta['device']}, {meta['date']})\n\nMemory: {meta['memory_method']}.\n\n"
+    markdown = header + markdown_table(COLUMNS, [cells(r) for r in rows]) + "\n"
+    return [write(stem, meta, rows, markdown), plot(rows, f"{stem}.png")]

@@ -1,30 +1,26 @@
-"""The default job: every workload of a preset by every method, one row each."""
-import datetime
+"""The default job: every workload of a preset by every method, one row each; or, with
+``--build-only``, every workload's model and input for every method built and described."""
 import os
-import platform
 
 import torch
 
 from . import report
-from .measure import CPU_METHOD, CUDA_METHOD, run
-from .workloads import label, methods_for, suite
+from .measure import CPU_METHOD, CUDA_METHOD, describe, run
+from .workloads import build_reversible, by_method, label, methods_for, peer_missing, suite
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+def plan(preset, peers):
+    """``(workload, methods)`` for each workload of ``preset``, the depth sweep first."""
+    sweep, refs = suite(preset)
+    return [(workload, methods_for(workload, peers)) for workload in sweep + refs]
 
 
 def main(preset, peers, out_dir, steps):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    meta = {"device": device_name(device), "date": datetime.date.today().isoformat(), "preset": preset,
-            "torch": torch.__version__, "memory_method": CUDA_METHOD if device.type == "cuda" else CPU_METHOD}
+    meta = report.meta(device, preset=preset, memory_method=CUDA_METHOD if device.type == "cuda" else CPU_METHOD)
     print(f"python -m bench: preset {preset} on {meta['device']}\nmemory: {meta['memory_method']}")
-    sweep, refs = suite(preset)
     rows = []
-    for workload in sweep + refs:
-        methods = methods_for(workload, peers)
+    for workload, methods in plan(preset, peers):
         print(f"  {label(workload)}: {', '.join(methods)} ...", flush=True)
         for method, result in run(workload, methods, device, steps).items():
             print(f"    {method}: " + (result.get("error") or
@@ -33,9 +29,37 @@ def main(preset, peers, out_dir, steps):
     report.add_ratios(rows)
     print()
     print(report.table(rows))
-    os.makedirs(out_dir, exist_ok=True)
-    name = f"{'cuda' if device.type == 'cuda' else 'cpu'}-{preset}{'-peers' if peers else ''}-{meta['date']}"
-    stem = os.path.join(out_dir, name)
-    for line in report.save(rows, meta, stem):
+    name = f"{device.type}-{preset}{'-peers' if peers else ''}-{meta['date']}"
+    for line in report.save(rows, meta, os.path.join(out_dir, name)):
         print(line)
     return rows
+
+
+def build_only(preset, peers):
+    """Build every workload's model and input for every method, without running a step, and
+    print a line for each: its parameter count and input shape, or FAILED and why. Each
+    workload's model is built once and switched from method to method (as_method sets every
+    chain's mode whatever it was before). Returns how many (workload, method) failed."""
+    failures = 0
+    for workload, methods in plan(preset, peers):
+        try:
+            model, x = build_reversible(workload)[:2]
+            results = [(method, *_built(workload, model, x, method)) for method in methods]
+        except Exception as e:  # the workload's model or input
+            results = [(method, False, describe(e)) for method in methods]
+        for method, ok, text in results:
+            failures += not ok
+            print(f"{label(workload)}  {method}: {text if ok else 'FAILED ' + text}", flush=True)
+    return failures
+
+
+def _built(workload, model, x, method):
+    """``(True, parameter count and input shape)`` of ``model`` run by ``method``, or ``(False, why not)``."""
+    missing = peer_missing(method)
+    if missing:
+        return False, missing
+    try:
+        params = sum(p.numel() for p in by_method(workload, model, method).parameters())
+    except Exception as e:
+        return False, describe(e)
+    return True, f"{params:,} parameters, input {tuple(x.shape)}"

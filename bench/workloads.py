@@ -36,11 +36,14 @@ def _checkpointed(blocks, x):
 
 
 def as_method(model, method):
-    """``model`` run by ``method``: its chains reversible, eager, or eager with checkpoints."""
+    """``model`` run by ``method``: its chains reversible, eager, or eager with checkpoints,
+    whichever of these it was set to before (so one model can be switched between them)."""
     for chain in chains(model):
         chain.reversible = method == "revtriton"
         if method == "checkpoint":
             chain.forward = functools.partial(_checkpointed, list(chain))
+        else:
+            vars(chain).pop("forward", None)  # the class's forward again
     return model
 
 
@@ -74,6 +77,13 @@ def peer_missing(method):
 
 def build(workload, method):
     """``(model, input, loss_fn, autocast_dtype)`` for one row of the suite."""
+    model, x, loss_fn, autocast = build_reversible(workload)
+    return by_method(workload, model, method), x, loss_fn, autocast
+
+
+def build_reversible(workload):
+    """``(model, input, loss_fn, autocast_dtype)`` of ``workload``, its chains reversible
+    (seed 0, so that every method starts from the same parameters and input)."""
     torch.manual_seed(0)
     kind = workload["kind"]
     loss_fn = _loss
@@ -81,8 +91,6 @@ def build(workload, method):
         c, depth = workload["channels"], workload["depth"]
         model = rt.ReversibleSequential(*[rt.ReversibleBlock(conv_unit(c // 2), conv_unit(c // 2))
                                           for _ in range(depth)])
-        if method in PEERS:
-            model = peer_chain(method, list(model))
         shape = (workload["batch"], c, workload["size"], workload["size"])
     elif kind == "affine":  # a flow: s, t = BatchNorm-ReLU-Conv3x3, alternating halves
         c, depth = workload["channels"], workload["depth"]
@@ -98,10 +106,21 @@ def build(workload, method):
         shape = (workload["batch"], workload["tokens"], workload["width"])
     else:
         raise ValueError(f"workload kind={kind!r}; expected 'chain', 'affine', 'cifar' or 'transformer'")
-    if method not in PEERS:
-        model = as_method(model, method)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(workload.get("autocast"))
     return model, torch.randn(shape), loss_fn, dtype
+
+
+def by_method(workload, model, method):
+    """``model`` (from :func:`build_reversible`) run by ``method``: a peer's wrapper of its
+    blocks (chain workloads only), or the model itself set by :func:`as_method`."""
+    if method not in METHODS + PEERS:
+        raise ValueError(f"method={method!r}; expected one of {', '.join(METHODS + PEERS)}")
+    if method not in PEERS:
+        return as_method(model, method)
+    if workload["kind"] != "chain":
+        raise ValueError(f"method={method!r} for a workload of kind {workload['kind']!r}; expected kind "
+                         f"'chain' (the peers wrap additive blocks only)")
+    return peer_chain(method, list(model))
 
 
 def _loss(y):

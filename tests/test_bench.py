@@ -1,15 +1,21 @@
-"""``python -m bench`` end to end on a tiny workload (the plain PyTorch CPU path, as users run it)."""
+"""``python -m bench``: end to end on a tiny workload (the plain PyTorch CPU path, as users run it),
+the kernel benchmark's cases, the plot and ``--build-only``."""
 import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from bench import __main__ as cli
+from bench import kernels, report, suite
 from bench.measure import run
+from bench.workloads import as_method, build, build_reversible, by_method, label
+from revtriton import saved_activation_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,3 +79,176 @@ def test_a_method_that_fails_is_reported_in_its_row_and_the_others_are_timed(mon
     assert times["checkpoint"] == {"error": "out of memory: CUDA out of memory. Tried to allocate 2 GiB"}
     assert list(times) == ["eager", "checkpoint", "revtriton"]
     assert all(times[m]["step_seconds"] > 0 for m in ("eager", "revtriton"))
+
+
+# python -m bench kernels: the case table, on CPU (the fused ops through Triton's interpreter)
+
+CASE_IDS = [case.name for case in kernels.CASES]
+
+
+@pytest.mark.parametrize("dtype", list(kernels.DTYPES.values()), ids=list(kernels.DTYPES))
+@pytest.mark.parametrize("case", kernels.CASES, ids=CASE_IDS)
+def test_each_kernel_case_and_its_eager_equivalent_compute_the_same_values(case, dtype):
+    fused, eager = kernels.outcomes(case, 4 * 8192, dtype, "cpu", samples=4)
+    assert len(fused) == len(case.writes)
+    torch.testing.assert_close(fused, eager)  # bf16: the interpreter truncates, so up to one ulp
+
+
+def _after(op, tensors):
+    copies = [t.clone() for t in tensors]
+    op(*copies)
+    return copies
+
+
+@pytest.mark.parametrize("dtype", list(kernels.DTYPES.values()), ids=list(kernels.DTYPES))
+@pytest.mark.parametrize("case", kernels.CASES, ids=CASE_IDS)
+def test_each_kernel_case_counts_the_bytes_its_op_reads_plus_writes(case, dtype):
+    n, samples = 4 * 256, 4
+    tensors = kernels.inputs(case, n, dtype, "cpu", samples)
+    after = _after(case.fused, tensors)
+    written = [i for i, (t, a) in enumerate(zip(tensors, after)) if not torch.equal(t, a)]
+    read = [i for i in range(len(tensors))  # changing its value changes what the op writes
+            if any(not torch.equal(a[j], after[j])
+                   for a in [_after(case.fused, [t + 1 if k == i else t for k, t in enumerate(tensors)])]
+                   for j in written)]
+    assert ({case.args[i] for i in read}, {case.args[i] for i in written}) == (set(case.reads), set(case.writes))
+    observed = sum(tensors[i].nbytes for i in read) + sum(tensors[i].nbytes for i in written)
+    assert kernels.moved_bytes(case, n, dtype, samples) == observed
+
+
+@pytest.mark.parametrize("case", kernels.CASES, ids=CASE_IDS)
+def test_each_kernel_case_stays_finite_over_the_calls_of_a_timed_loop(case):
+    for dtype in kernels.DTYPES.values():
+        tensors = kernels.inputs(case, 2**16, dtype, "cpu")
+        for _ in range(kernels.CALLS):
+            case.eager(*tensors)  # the fused op's values (see above), without the interpreter's slowness
+        assert all(t.isfinite().all() for t in tensors), (case.name, dtype)
+
+
+def test_kernel_inputs_refuse_a_size_that_does_not_split_into_samples():
+    with pytest.raises(ValueError, match="n=100 elements; expected a multiple of samples=64"):
+        kernels.inputs(kernels.CASES[0], 100, torch.float32, "cpu")
+
+
+def test_kernel_results_are_written_as_json_and_markdown_named_by_device_kind_and_date(tmp_path):
+    meta = report.meta(torch.device("cpu"), copy_gbs=4000.0, calls=kernels.CALLS, loops=kernels.LOOPS)
+    case = kernels.CASES[2]  # coupling_backward: reads 4 tensors, writes 2
+    rows = [kernels.row(case, 2**24, "bf16", {"fused": 1e-4, "eager": 2e-4}, meta["copy_gbs"])]
+    assert rows[0]["bytes"] == 6 * 2**24 * 2
+    assert (rows[0]["fused_gbs"], rows[0]["eager_of_copy"], rows[0]["time_ratio"]) == pytest.approx(
+        (6 * 2**25 / 1e-4 / 1e9, 6 * 2**25 / 2e-4 / 1e9 / 4000, 0.5))
+    assert kernels.save(rows, meta, str(tmp_path)) == (f"results: {tmp_path}/kernels-cuda-{meta['date']}.json, "
+                                                       f"{tmp_path}/kernels-cuda-{meta['date']}.md")
+    saved = json.loads((tmp_path / f"kernels-cuda-{meta['date']}.json").read_text())
+    assert saved == {"meta": meta, "rows": rows}
+    table = (tmp_path / f"kernels-cuda-{meta['date']}.md").read_text().splitlines()
+    assert table[-1] == "| coupling_backward | bf16 | 2^24 | 192 | 100 | 2013 | 50% | 200 | 1007 | 25% | 0.50 |"
+
+
+# the plot
+
+def _sweep_rows():
+    rows = []
+    for kind, methods in (("chain", ("eager", "checkpoint", "revtriton")), ("affine", ("eager", "revtriton"))):
+        for depth in (4, 16, 64):
+            for i, method in enumerate(methods):
+                rows.append(dict(workload=f"{kind} depth {depth}", kind=kind, depth=depth, method=method,
+                                 peak_bytes=(depth if method == "eager" else 2) * 2**20, time_ratio=1 + 0.2 * i))
+    return rows + [dict(workload="revnet38", kind="cifar", method="eager", peak_bytes=2**20, time_ratio=1.0)]
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "sweep.png"
+    assert report.plot(_sweep_rows(), str(path)) == f"plot: {path}"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_shows_memory_and_time_ratio_against_depths_labelled_as_integers():
+    pytest.importorskip("matplotlib")
+    plt = report.pyplot()
+    fig = report.sweep_figure(plt, _sweep_rows())
+    try:
+        fig.canvas.draw()
+        memory, time = fig.axes
+        for ax in (memory, time):
+            assert [label.get_text() for label in ax.get_xticklabels()] == ["4", "16", "64"]
+            assert ax.get_xticklabels(minor=True) == []
+            assert {(line.get_label(), line.get_linestyle()) for line in ax.lines} == {
+                ("eager", "-"), ("checkpoint", "-"), ("revtriton", "-"), ("eager (affine)", ":"),
+                ("revtriton (affine)", ":")}
+        assert (memory.get_ylabel(), time.get_ylabel()) == ("peak step memory (MiB)", "step time (x eager)")
+        memory_ticks = [label.get_text() for minor in (False, True) for label in memory.get_yticklabels(minor=minor)]
+        assert "20" in memory_ticks and all(re.fullmatch(r"[0-9.]*", text) for text in memory_ticks), memory_ticks
+        (revtriton,) = [line for line in time.lines if line.get_label() == "revtriton"]
+        assert list(revtriton.get_xdata()) == [4, 16, 64] and list(revtriton.get_ydata()) == [1.4, 1.4, 1.4]
+        (eager,) = [line for line in memory.lines if line.get_label() == "eager"]
+        assert list(eager.get_ydata()) == [4, 16, 64]
+    finally:
+        plt.close(fig)
+
+
+# --build-only
+
+def test_build_only_prints_each_model_of_the_preset_and_measures_nothing(tmp_path):
+    proc = bench("--preset", "tiny", "--build-only", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    expected = []
+    for workload, methods in suite.plan("tiny", peers=False):
+        for method in methods:
+            model, x = build(workload, method)[:2]
+            expected.append(f"{label(workload)}  {method}: {sum(p.numel() for p in model.parameters()):,} "
+                            f"parameters, input {tuple(x.shape)}")
+    assert proc.stdout.splitlines() == expected
+    assert not list(tmp_path.iterdir())
+
+
+def test_build_only_names_every_failure_and_exits_non_zero_after_trying_all(monkeypatch, capsys):
+    real_by_method, real_build = suite.by_method, suite.build_reversible
+
+    def by_method(workload, model, method):
+        if method == "checkpoint":
+            raise RuntimeError("no checkpoint today")
+        return real_by_method(workload, model, method)
+
+    def build_reversible(workload):
+        if workload["kind"] == "transformer":
+            raise torch.OutOfMemoryError("CPU out of memory")
+        return real_build(workload)
+
+    monkeypatch.setattr(suite, "by_method", by_method)
+    monkeypatch.setattr(suite, "build_reversible", build_reversible)
+    with pytest.raises(SystemExit, match=r"5 \(workload, method\) failed to build"):
+        cli.main(["--preset", "tiny", "--build-only"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 13
+    assert "chain depth 4  checkpoint: FAILED RuntimeError: no checkpoint today" in lines
+    assert "transformer 2x32  eager: FAILED out of memory: CPU out of memory" in lines
+    assert any(line.startswith("chain depth 4  revtriton: ") and "parameters" in line for line in lines)
+
+
+def test_as_method_switches_one_model_between_methods_as_if_built_for_each():
+    workload = dict(kind="chain", depth=3, batch=2, channels=4, size=4)
+    model, x = build_reversible(workload)[:2]
+    saved = {}
+    for method in ("checkpoint", "revtriton", "eager", "checkpoint", "eager", "revtriton"):
+        fresh, fresh_x = build(workload, method)[:2]
+        got = saved_activation_bytes(as_method(model, method), x.detach().requires_grad_())[1]
+        saved[method] = saved_activation_bytes(fresh, fresh_x.requires_grad_())[1]
+        assert got == saved[method], method
+    assert len(set(saved.values())) == 3
+
+
+def test_by_method_refuses_an_unknown_method_and_a_peer_on_a_workload_it_cannot_wrap():
+    workload = dict(kind="affine", depth=2, batch=2, channels=4, size=4)
+    model = build_reversible(workload)[0]
+    with pytest.raises(ValueError, match="method='fast'; expected one of eager, checkpoint, revtriton, memcnn, revlib"):
+        by_method(workload, model, "fast")
+    with pytest.raises(ValueError, match="method='revlib' for a workload of kind 'affine'; expected kind 'chain'"):
+        by_method(workload, model, "revlib")
+
+
+def test_build_only_goes_with_the_suite_only(tmp_path):
+    proc = bench("kernels", "--build-only", tmp_path=tmp_path)
+    assert proc.returncode == 2 and "--build-only goes with the suite job, not 'kernels'" in proc.stderr
+
