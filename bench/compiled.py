@@ -18,12 +18,13 @@ import contextlib
 import datetime
 import functools
 import io
-import json
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+
+from . import report
 
 TARGETS = {"sm_80": ("cuda", 80, 32), "sm_90": ("cuda", 90, 32), "sm_100": ("cuda", 100, 32),
            "gfx942": ("hip", "gfx942", 64)}
@@ -226,13 +227,8 @@ def compile_all(targets, layouts=tuple(LAYOUTS), workers=os.cpu_count()):
              "target": t} for t in targets for i in range(len(launches))]
 
 
-def summary(rows):
-    """A fixed-width table: one line per compiled launch."""
-    cols = ("target", "launch", "layout", "precision", "instructions", "registers", "spill_bytes",
-            "wide_loads", "wide_stores", "div64")
-    lines = [cols] + [tuple(str(r.get(c)) for c in cols) for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+COLUMNS = ("target", "launch", "layout", "precision", "instructions", "registers", "spill_bytes", "wide_loads",
+           "wide_stores", "div64")
 
 
 def main(targets, layouts, out_dir):
@@ -241,14 +237,12 @@ def main(targets, layouts, out_dir):
     import triton
 
     rows = compile_all(targets, layouts)
-    print(summary(rows))
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"compiled-{datetime.date.today().isoformat()}")
-    meta = {"triton": triton.__version__, "targets": list(targets), "layouts": list(layouts),
-            "date": datetime.date.today().isoformat()}
-    with open(f"{stem}.json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(f"{stem}.md", "w") as f:
-        f.write(f"# python -m bench compiled (triton {meta['triton']}, {meta['date']})\n\n```\n{summary(rows)}\n```\n")
-    print(f"results: {stem}.json, {stem}.md")
+    lines = [[str(r[c]) for c in COLUMNS] for r in rows]
+    print(report.text_table(COLUMNS, lines))
+    date = datetime.date.today().isoformat()
+    meta = {"triton": triton.__version__, "targets": list(targets), "layouts": list(layouts), "date": date}
+    markdown = (f"# python -m bench compiled (triton {meta['triton']}, {date})\n\nPTX instructions, registers and "
+                f"spilled bytes (ptxas -v), 128-bit global loads and stores and 64-bit integer divisions of each "
+                f"kernel launch (bench/compiled.py).\n\n{report.markdown_table(COLUMNS, lines)}\n")
+    print(report.write(os.path.join(out_dir, f"compiled-{date}"), meta, rows, markdown))
     return rows

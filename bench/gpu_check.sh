@@ -1,28 +1,73 @@
 #!/usr/bin/env bash
-# The GPU check, one script: CUDA tests, the kernel benchmark and the GPU-sized suite.
-# Usage: bash bench/gpu_check.sh OUTDIR   (from the repository root, on a machine with a GPU;
-# about 6 minutes on an H200). Every log and result lands in OUTDIR.
+# The GPU check in one script: a pre-flight launch, the CUDA tests, the kernel benchmark and the
+# GPU-sized suite, each under a timeout: 9 minutes at most in all, which a run on an H200 is
+# expected to stay well inside (about 6 minutes, estimated: it has not yet run on a GPU).
+#
+# Usage: bash bench/gpu_check.sh [--dry-run] OUTDIR      (from any directory)
+#
+# It installs nothing: it runs `python3 -m ...` in the repository root, which imports the checkout
+# (revtriton/kernels is a symlink to kernels/). OUTDIR gets gpu_check.log (every step's output)
+# and the results in the form bench/results/ keeps: kernels-cuda-DATE.{json,md} and
+# cuda-gpu-DATE.{json,md,png}. --dry-run does, on a machine without a GPU, everything but the GPU
+# work: the imports, collecting the CUDA tests, compiling every kernel ahead of time for sm_90 and
+# building the GPU preset's models; it exits 0 when all of that passes. Set PYTHON to use another
+# interpreter than python3.
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_check.sh OUTDIR}
-mkdir -p "$out"
-cd "$(dirname "$0")/.."
-export TRITON_INTERPRET=0
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+out=${1:?usage: bash bench/gpu_check.sh [--dry-run] OUTDIR}
+mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute before the cd below
+cd "$(dirname "$0")/.." || exit 1
+python=${PYTHON:-python3}
+log="$out/gpu_check.log"
+: >"$log"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 status=0
-step() {  # step NAME TIMEOUT_S COMMAND...: run, log to OUTDIR/NAME.log, keep going on failure
-  local name=$1 limit=$2; shift 2
-  echo "== $name: $*"
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run it, append its output to the log, keep going on failure
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  echo "== $name (limit ${limit}s): $(head -n 1 <<<"$*")" | tee -a "$log"
+  timeout "$limit" "$@" >"$out/step.log" 2>&1
   local rc=$?
-  tail -n 3 "$out/$name.log"
-  [ $rc -eq 0 ] || { echo "!! $name exited $rc"; status=1; }
+  cat "$out/step.log" >>"$log"
+  tail -n 3 "$out/step.log"
+  rm -f "$out/step.log"
+  echo "-- $name: exit $rc after $((SECONDS - start))s" | tee -a "$log"
+  [ $rc -eq 0 ] || status=1
+  return $rc
 }
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), torch.__version__)" \
-  | tee "$out/device.txt" || exit 1
-nvidia-smi >>"$out/device.txt" 2>&1 || true
-# offline machine: no build isolation, no dependencies (torch and triton are there already);
-# revtriton.kernels only imports once the package is installed (package_dir mapping)
-python3 -m pip install --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
-step tests 180 python3 -m pytest -q tests -k cuda -p no:cacheprovider  # the CPU suite is CI's
-step kernels 150 python3 -m bench kernels --out "$out"  # sized for ~90 s on an H200 (estimated from its bytes; not yet run there)
-step suite 240 python3 -m bench --preset gpu --out "$out"
+
+step import 30 "$python" -c "
+import os, sys, torch, triton, revtriton, revtriton.kernels
+here = os.path.join(os.getcwd(), 'revtriton', 'kernels')
+assert os.path.dirname(revtriton.kernels.__file__) == here, f'revtriton.kernels from {revtriton.kernels.__file__}, not {here}'
+print(f'python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, revtriton from {os.getcwd()}')
+" || exit 1
+
+if [ $dry -eq 1 ]; then
+  step collect 120 "$python" -m pytest --collect-only -q -m cuda -p no:cacheprovider tests
+  step compile 600 "$python" -m bench compiled --target sm_90 --out "$out"
+  step models 300 "$python" -m bench --preset gpu --build-only
+  exit $status
+fi
+
+# pre-flight: Triton builds its launcher with a C compiler on the first launch; find out now
+step preflight 60 "$python" -c "
+import torch, revtriton
+print(torch.cuda.get_device_name())
+a, b = torch.zeros(4096, device='cuda'), torch.ones(4096, device='cuda')
+torch.ops.revtriton.coupling_forward(a, b)
+torch.cuda.synchronize()
+assert a.eq(1).all(), 'the Triton kernel ran but computed wrong values'
+print('pre-flight: a Triton kernel compiled, launched and computed')
+" || exit 1
+nvidia-smi >>"$log" 2>&1
+step tests 180 "$python" -m pytest -q -rs -m cuda -p no:cacheprovider tests
+if grep -q "^SKIPPED" "$log"; then  # every CUDA test must run on a GPU machine
+  echo "!! tests: CUDA tests were skipped on a GPU machine" | tee -a "$log"
+  status=1
+fi
+step kernels 120 "$python" -m bench kernels --out "$out"
+step suite 150 "$python" -m bench --preset gpu --out "$out"
 exit $status

@@ -4,6 +4,7 @@ CUDA sm_80, sm_90 and sm_100 and AMD gfx942, into the code a memory-bound kernel
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -76,8 +77,9 @@ def test_no_64_bit_integer_division(rows):
 def test_the_log_det_adds_one_relaxed_atomic_per_program_on_long_rows(rows):
     for r in rows:
         if r["target"] == "sm_90" and r["launch"] == "affine_forward_ld" and r["layout"] in CONTIGUOUS:
-            assert r["atomics"] == ["red.global.gpu.relaxed.add.f64" if r["precision"] == "fp64"
-                                    else "red.global.gpu.relaxed.add.f32"], r["atomics"]
+            bits = 64 if r["precision"] == "fp64" else 32
+            (atomic,) = r["atomics"]  # triton 3.9 emits red (no result), 3.6 atom
+            assert re.fullmatch(rf"(red|atom)\.global\.gpu\.relaxed\.add\.f{bits}", atomic), atomic
         else:
             assert r["atomics"] == [] or r["launch"] == "affine_forward_ld", (r["launch"], r["atomics"])
 

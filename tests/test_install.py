@@ -1,5 +1,6 @@
-"""``import revtriton.kernels`` works from the checkout with no install and after each kind of
-install (legacy egg-link and PEP 660 editable, wheel), and CI runs the README's test command.
+"""A first run works: ``import revtriton.kernels`` from the checkout with no install and after each
+kind of install (legacy egg-link and PEP 660 editable, wheel), the GPU script's dry run with
+revtriton not installed, and CI runs the README's test command.
 
 Each install goes into a fresh virtual environment that sees this environment's packages
 (torch, triton, numpy, setuptools, wheel) through a ``.pth`` line, but not its revtriton: the
@@ -99,6 +100,26 @@ def test_a_wheel_holds_the_kernels_once_and_the_checkout_still_shadows_it(checko
         "def test_where():\n"
         "    assert revtriton.kernels.__file__.startswith(os.getcwd() + os.sep), revtriton.kernels.__file__\n")
     _run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_where.py", cwd=checkout)
+
+
+def test_the_gpu_scripts_dry_run_passes_from_the_parent_folder_with_nothing_installed(venv, tmp_path):
+    """As on the offline GPU machine: its python3 has torch, triton and numpy but not revtriton, and
+    OUTDIR is relative to a folder that is not the repository's root."""
+    python, _ = venv
+    assert _run(python, "-c", "import importlib.util; print(importlib.util.find_spec('revtriton'))",
+                cwd=tmp_path).strip() == "None"
+    parent = os.path.dirname(ROOT)
+    env = dict(os.environ, PATH=os.path.dirname(python) + os.pathsep + os.environ["PATH"])
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(["bash", os.path.join(os.path.basename(ROOT), "bench", "gpu_check.sh"), "--dry-run",
+                           os.path.relpath(tmp_path / "out", parent)],
+                          cwd=parent, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert [step for step in ("import", "collect", "compile", "models") if f"-- {step}: exit 0" not in log] == []
+    assert f"revtriton from {ROOT}" in log
+    assert int(re.search(r"(\d+)/\d+ tests collected", log).group(1)) > 0  # the CUDA tests
+    assert len(list((tmp_path / "out").glob("compiled-*.md"))) == 1  # sm_90, every launch
 
 
 def _fenced_command(readme, heading):

@@ -153,3 +153,18 @@ def test_per_sample_rows_never_span_two_samples():
     flat = torch.randn(3, 10)
     assert layout.row_layout([flat], (0,))[:2] == (1, 30)
     assert layout.row_layout([flat], (0,), keep_samples=True)[:2] == (3, 10)
+
+
+@requires_cuda
+def test_cuda_halves_of_n_by_2_beyond_2_31_rows():
+    """The halves of an (N, 2) tensor are rows of one element: with N > 2**31 one program per row
+    could not launch; stacked into tiles, N / 4096 programs do."""
+    n = 2**31 + 8
+    try:
+        x = torch.zeros(n, 2, device="cuda")
+        b = torch.ones(n, 1, device="cuda")
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a (2**31 + 8, 2) fp32 tensor")
+    x1, x2 = halves(x, 1)
+    kernels.add_(x2, b)
+    assert x2[-8:].eq(1).all() and x2[:8].eq(1).all() and x1[-8:].eq(0).all()
