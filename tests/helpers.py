@@ -1,10 +1,15 @@
 """Shared test helpers: small F/G modules, an independent eager twin, error measures."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 import revtriton as rt
+
+# Parametrize a test's ``device`` with these: the same body on CPU (every run) and on CUDA
+# (``-m cuda``, on a GPU machine).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def conv_unit(c):

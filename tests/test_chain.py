@@ -8,7 +8,6 @@ from torch import nn
 from torch.func import functional_call
 
 import revtriton as rt
-from conftest import requires_cuda
 from helpers import conv_chain, conv_unit, eager_twin, loss_of, mlp, rel_err
 
 
@@ -195,7 +194,7 @@ def test_chain_inside_activation_checkpointing_equals_eager(use_reentrant):
         assert rel_err(p.grad, q.grad) <= 1e-5
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("make", [
     lambda: rt.ReversibleBlock(conv_unit(8), conv_unit(8)),
     lambda: rt.AffineBlock(conv_unit(8), conv_unit(8)),

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from conftest import requires_cuda
 from revtriton import kernels
 from revtriton.blocks import halves
 
@@ -96,7 +95,7 @@ def test_empty_tensors_are_a_no_op():
     assert a.shape == (0, 4)
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_kernels_match_reference(dtype):
     y = torch.randn(8, 64, 33, 17, device="cuda", dtype=dtype)
@@ -107,7 +106,7 @@ def test_cuda_kernels_match_reference(dtype):
     assert_close_to_reference(y2, ref)
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_cuda_64_bit_offsets():
     """A half of over 2**31 elements: its tail lies beyond any 32-bit offset."""
     n = 2**31 + 4096

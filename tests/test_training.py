@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 import revtriton as rt
-from conftest import requires_cuda
 from bench.drift import drift
-from helpers import conv_chain, conv_unit, eager_twin, loss_of, mlp, rel_err
+from helpers import DEVICES, conv_chain, conv_unit, eager_twin, loss_of, mlp, rel_err
 
 
 def dropout_unit(d):
@@ -80,7 +79,7 @@ def test_batchnorm_statistics_after_three_steps_equal_eager():
     _assert_grads_close(_grads(chain), _grads(twin))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("device", DEVICES)
 def test_autocast_is_replayed_in_the_recompute(device):
     dtype = torch.bfloat16 if device == "cpu" else torch.float16
     chain = rt.ReversibleSequential(*[rt.ReversibleBlock(mlp(8), mlp(8), dim=-1) for _ in range(4)]).to(device)
