@@ -12,6 +12,12 @@ import revtriton as rt
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
+def randn(*shape, device="cpu", requires_grad=False):
+    """``torch.randn(*shape)`` drawn from the CPU generator, then moved to ``device``: a test
+    sees the same numbers on every device (CUDA's generator would draw others)."""
+    return torch.randn(*shape).to(device).requires_grad_(requires_grad)
+
+
 def conv_unit(c):
     """The RevNet basic unit on ``c`` channels: BatchNorm-ReLU-Conv3x3."""
     return nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, bias=False))
@@ -21,9 +27,9 @@ def mlp(d):
     return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
 
-def conv_chain(depth, channels=4):
+def conv_chain(depth, channels=4, device="cpu"):
     return rt.ReversibleSequential(*[rt.ReversibleBlock(conv_unit(channels // 2), conv_unit(channels // 2), dim=1)
-                                     for _ in range(depth)])
+                                     for _ in range(depth)]).to(device)
 
 
 def eager_twin(chain):

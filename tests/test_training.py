@@ -7,7 +7,7 @@ from torch import nn
 
 import revtriton as rt
 from bench.drift import drift
-from helpers import DEVICES, conv_chain, conv_unit, eager_twin, loss_of, mlp, rel_err
+from helpers import DEVICES, conv_chain, conv_unit, eager_twin, loss_of, mlp, randn, rel_err
 
 
 def dropout_unit(d):
@@ -25,28 +25,34 @@ def _assert_grads_close(a, b, tol=1e-5):
         assert u is None or rel_err(u, v) <= tol, (i, rel_err(u, v))
 
 
-def test_dropout_masks_replay_in_the_recompute():
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_masks_replay_in_the_recompute(device):
+    """Every F/G call draws its mask from the input's device generator (CUDA's for CUDA tensors),
+    whose state the chain records and restores for the recompute."""
     chain = rt.ReversibleSequential(*[rt.ReversibleBlock(dropout_unit(4), dropout_unit(4), dim=-1)
-                                      for _ in range(4)])
+                                      for _ in range(4)]).to(device)
     twin, eager = eager_twin(chain)
-    x = torch.randn(3, 8, requires_grad=True)
+    x = randn(3, 8, device=device, requires_grad=True)
     x_twin = x.detach().clone().requires_grad_()
     torch.manual_seed(7)
     y = chain(x)
     torch.manual_seed(7)
     y_twin = eager(x_twin)
     torch.testing.assert_close(y, y_twin)
+    states = [state for _, state in y.grad_fn.recorder.calls]  # (CPU state, CUDA state or None) per call
+    assert len(states) == 8 and all(s is not None and (s[1] is not None) == (device == "cuda") for s in states)
     loss_of(y).backward()
     loss_of(y_twin).backward()
     _assert_grads_close(_grads(chain, x), _grads(twin, x_twin))
 
 
-def test_without_rng_preservation_dropout_gradients_differ():
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_rng_preservation_dropout_gradients_differ(device):
     """The switch really is what makes dropout exact (a test of the test above)."""
     chain = rt.ReversibleSequential(rt.ReversibleBlock(dropout_unit(4), dropout_unit(4), dim=-1),
-                                    preserve_rng_state=False)
+                                    preserve_rng_state=False).to(device)
     twin, eager = eager_twin(chain)
-    x = torch.randn(16, 8, requires_grad=True)
+    x = randn(16, 8, device=device, requires_grad=True)
     x_twin = x.detach().clone().requires_grad_()
     torch.manual_seed(7)
     loss_of(chain(x)).backward()
@@ -55,18 +61,20 @@ def test_without_rng_preservation_dropout_gradients_differ():
     assert rel_err(x.grad, x_twin.grad) > 1e-3
 
 
-def test_deterministic_f_and_g_record_no_rng_state():
-    chain = conv_chain(3)
-    y = chain(torch.randn(2, 4, 5, 5, requires_grad=True))
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_f_and_g_record_no_rng_state(device):
+    chain = conv_chain(3, device=device)
+    y = chain(randn(2, 4, 5, 5, device=device, requires_grad=True))
     assert [state for _, state in y.grad_fn.recorder.calls] == [None] * 6
 
 
-def test_batchnorm_statistics_after_three_steps_equal_eager():
-    chain = conv_chain(4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_batchnorm_statistics_after_three_steps_equal_eager(device):
+    chain = conv_chain(4, device=device)
     twin, eager = eager_twin(chain)
     opt, opt_twin = (torch.optim.SGD(m.parameters(), lr=0.01) for m in (chain, twin))
     for step in range(3):
-        x = torch.randn(4, 4, 5, 5)
+        x = randn(4, 4, 5, 5, device=device)
         for run, o in ((chain, opt), (eager, opt_twin)):
             o.zero_grad()
             loss_of(run(x)).backward()
