@@ -1,10 +1,21 @@
 """Shared test helpers: small F/G modules, an independent eager twin, error measures."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 import revtriton as rt
+
+# Parametrize a test's ``device`` with these: the same body on CPU (every run) and on CUDA
+# (``-m cuda``, on a GPU machine).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def randn(*shape, device="cpu", requires_grad=False):
+    """``torch.randn(*shape)`` drawn from the CPU generator, then moved to ``device``: a test
+    sees the same numbers on every device (CUDA's generator would draw others)."""
+    return torch.randn(*shape).to(device).requires_grad_(requires_grad)
 
 
 def conv_unit(c):
@@ -16,9 +27,9 @@ def mlp(d):
     return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
 
-def conv_chain(depth, channels=4):
+def conv_chain(depth, channels=4, device="cpu"):
     return rt.ReversibleSequential(*[rt.ReversibleBlock(conv_unit(channels // 2), conv_unit(channels // 2), dim=1)
-                                     for _ in range(depth)])
+                                     for _ in range(depth)]).to(device)
 
 
 def eager_twin(chain):

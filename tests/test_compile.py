@@ -1,7 +1,8 @@
 """torch.compile around and inside reversible chains (issue 3, point 8).
 
 Inductor runs on CPU here (it needs a C++ compiler); the Triton kernels behind the ops still
-run through the interpreter, as opaque custom-op calls in the compiled graphs.
+run through the interpreter, as opaque custom-op calls in the compiled graphs. The tests
+parametrized over ``device`` also run on CUDA (``-m cuda``), where inductor emits Triton code.
 """
 import copy
 
@@ -11,7 +12,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import revtriton as rt
-from helpers import conv_unit, eager_twin, loss_of, rel_err
+from helpers import DEVICES, conv_unit, eager_twin, loss_of, randn, rel_err
 from revtriton.blocks import halves
 
 
@@ -71,10 +72,11 @@ def assert_step_equals_eager(model, compiled, twin, x):
         assert torch.equal(b, b_twin) if name.endswith("num_batches_tracked") else rel_err(b, b_twin) <= 1e-5, name
 
 
-def test_compiled_model_with_a_chain_equals_eager():
-    model, inductor = Net(), CompileCounterWithBackend("inductor")
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_model_with_a_chain_equals_eager(device):
+    model, inductor = Net().to(device), CompileCounterWithBackend("inductor")
     assert_step_equals_eager(model, torch.compile(model, backend=inductor), plain_autograd_twin(model),
-                             torch.randn(2, 3, 5, 5, requires_grad=True))
+                             randn(2, 3, 5, 5, device=device, requires_grad=True))
     assert inductor.frame_count == 2  # the stem and the head; the chain runs eagerly between them
 
 
@@ -107,24 +109,26 @@ def test_chain_inside_an_nn_sequential_compiles_to_nothing_but_is_correct():
     assert inductor.frame_count == 0, "Dynamo now compiles around a chain in nn.Sequential: update the docs"
 
 
-def test_compiled_f_and_g_fullgraph_in_a_compiled_model_equal_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_f_and_g_fullgraph_in_a_compiled_model_equal_eager(device):
     """Each F and G compiled with fullgraph=True, inside a compiled model: F and G run compiled
     within the chain's eager region, under no_grad in its forward and with grad in its recompute."""
-    model, outer, inner = Net(), CompileCounterWithBackend("inductor"), CompileCounterWithBackend("inductor")
+    model, outer, inner = Net().to(device), CompileCounterWithBackend("inductor"), CompileCounterWithBackend("inductor")
     twin = plain_autograd_twin(model)
     for block in model.chain:
         block.f = torch.compile(block.f, fullgraph=True, backend=inner)
         block.g = torch.compile(block.g, fullgraph=True, backend=inner)
     assert_step_equals_eager(model, torch.compile(model, backend=outer), twin,
-                             torch.randn(2, 3, 5, 5, requires_grad=True))
+                             randn(2, 3, 5, 5, device=device, requires_grad=True))
     assert outer.frame_count == 2
     assert inner.frame_count >= 1 and inner.op_count > 0  # compiled F and G ran
 
 
-def test_a_block_of_ops_compiles_fullgraph_and_equals_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_block_of_ops_compiles_fullgraph_and_equals_eager(device):
     """The three ops on the halves (views) of one tensor, in one fullgraph inductor graph:
     forward, inverse and the fused backward pass of a block."""
-    f, g = nn.Linear(3, 3), nn.Linear(3, 3)
+    f, g = nn.Linear(3, 3).to(device), nn.Linear(3, 3).to(device)
 
     def block_step(x, dx):
         x1, x2 = halves(x, -1)
@@ -143,7 +147,7 @@ def test_a_block_of_ops_compiles_fullgraph_and_equals_eager():
         dx1, dx2 = dx.chunk(2, dim=-1)
         return torch.cat([y1, y2], -1), x, torch.cat([dx1, dx2 + dx1], -1)
 
-    x, dx = torch.randn(4, 6), torch.randn(4, 6)
+    x, dx = randn(4, 6, device=device), randn(4, 6, device=device)
     with torch.no_grad():
         expected = reference(x, dx)
         got = torch.compile(block_step, fullgraph=True, backend="inductor")(x.clone(), dx.clone())
@@ -151,10 +155,11 @@ def test_a_block_of_ops_compiles_fullgraph_and_equals_eager():
         assert rel_err(a, b) <= 1e-5
 
 
-def test_inverse_compiles_fullgraph_and_leaves_buffers_alone():
+@pytest.mark.parametrize("device", DEVICES)
+def test_inverse_compiles_fullgraph_and_leaves_buffers_alone(device):
     """``inverse`` is not behind torch.compiler.disable: it traces into one graph."""
-    chain = Net().chain
-    x = torch.randn(2, 4, 5, 5)
+    chain = Net().chain.to(device)
+    x = randn(2, 4, 5, 5, device=device)
     with torch.no_grad():
         y = chain(x)
     buffers = [b.clone() for b in chain.buffers()]

@@ -3,7 +3,6 @@ import pytest
 import torch
 import triton
 
-from conftest import requires_cuda
 from revtriton import kernels
 from revtriton.kernels import layout
 from revtriton.blocks import halves
@@ -98,7 +97,7 @@ def test_empty_tensors_are_a_no_op():
     assert a.shape == (0, 4)
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_kernels_match_reference(dtype):
     y = torch.randn(8, 64, 33, 17, device="cuda", dtype=dtype)
@@ -109,7 +108,7 @@ def test_cuda_kernels_match_reference(dtype):
     assert_close_to_reference(y2, ref)
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_cuda_64_bit_offsets():
     """A half of over 2**31 elements: its tail lies beyond any 32-bit offset."""
     n = 2**31 + 4096
