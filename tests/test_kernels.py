@@ -154,7 +154,7 @@ def test_per_sample_rows_never_span_two_samples():
     assert layout.row_layout([flat], (0,), keep_samples=True)[:2] == (3, 10)
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_cuda_halves_of_n_by_2_beyond_2_31_rows():
     """The halves of an (N, 2) tensor are rows of one element: with N > 2**31 one program per row
     could not launch; stacked into tiles, N / 4096 programs do."""
