@@ -11,5 +11,6 @@ setup(
     packages=["revtriton", "revtriton.kernels", "revtriton.models"],
     # numpy: Triton's interpreter (TRITON_INTERPRET=1, the CPU path of the tests) needs it
     install_requires=["torch>=2.4", "numpy", "triton>=3.0; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest>=7", "wheel"], "plot": ["matplotlib"]},
+    # test: wheel builds the wheel that tests/test_install.py installs; matplotlib draws the plot
+    extras_require={"test": ["pytest>=7", "wheel", "matplotlib"], "plot": ["matplotlib"]},
 )

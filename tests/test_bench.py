@@ -158,14 +158,12 @@ def _sweep_rows():
 
 
 def test_plot_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
     path = tmp_path / "sweep.png"
     assert report.plot(_sweep_rows(), str(path)) == f"plot: {path}"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_shows_memory_and_time_ratio_against_depths_labelled_as_integers():
-    pytest.importorskip("matplotlib")
     plt = report.pyplot()
     fig = report.sweep_figure(plt, _sweep_rows())
     try:
