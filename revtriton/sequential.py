@@ -1,7 +1,7 @@
 """ReversibleSequential: a chain of reversible blocks run as one autograd node."""
 from torch import nn
 
-from .function import invert_chain, new_log_det, reversible_chain
+from .function import eager_chain, invert_chain, reversible_chain
 
 
 class ReversibleSequential(nn.Sequential):
@@ -21,6 +21,17 @@ class ReversibleSequential(nn.Sequential):
             sample (dim 0 indexes samples) with its gradient, for normalizing flows: 0 for
             additive blocks. Float32 for float16/bfloat16 inputs.
 
+    Side inputs: ``chain(x, **kwargs)`` passes each F and G the keyword arguments its forward
+    names after its input (all of them if it takes ``**kwargs``); a keyword that none takes is
+    a TypeError. Values may be tensors, tuples or lists of tensors, or anything else (passed as
+    it is). Every tensor that requires grad gets its gradient, summed over the F and G calls
+    that read it, through the chain's one autograd node, which keeps them once, by reference;
+    modifying one in place before backward raises autograd's error. F and G must read every
+    other tensor that requires grad as their input or a parameter of theirs: backward raises a
+    RuntimeError naming the block and module that read one any other way (an attribute, a
+    closure, another module's parameter), whose gradient would be lost. ``inverse(y, **kwargs)``
+    takes the side inputs of the forward call.
+
     Neither the caller's input nor the chain's output is modified: backward rebuilds the
     inputs in a copy of the output (one activation-sized buffer, whatever the depth), so
     ``inverse(y)`` still works after ``backward()``; the output's own storage is freed once
@@ -38,14 +49,12 @@ class ReversibleSequential(nn.Sequential):
         self.reversible = reversible
         self.log_det = log_det
 
-    def forward(self, x):
+    def forward(self, x, **kwargs):
         if not self.reversible:
-            log_det = new_log_det(tuple(self), x) if self.log_det else None
-            for block in self:
-                x = block.eager_forward(x, log_det)
-            return (x, log_det) if self.log_det else x
-        return reversible_chain(tuple(self), x, self.preserve_rng_state, self.log_det)
+            return eager_chain(tuple(self), x, self.log_det, kwargs)
+        return reversible_chain(tuple(self), x, self.preserve_rng_state, self.log_det, kwargs)
 
-    def inverse(self, y):
-        """Rebuild the chain's input from its output ``y`` (no gradient; ``y`` is kept)."""
-        return invert_chain(tuple(self), y)
+    def inverse(self, y, **kwargs):
+        """Rebuild the chain's input from its output ``y`` (no gradient; ``y`` is kept), given the
+        side inputs of the forward call."""
+        return invert_chain(tuple(self), y, kwargs)
