@@ -1,12 +1,12 @@
 """Peak memory and median time of one training step (forward, backward) per method.
 
-Peak memory, one configuration at a time. CUDA: ``torch.cuda.max_memory_allocated`` after
-``reset_peak_memory_stats``, minus what was allocated before the step. CPU: in a subprocess
-of its own (``python -m bench.measure peak JSON``) with ``MALLOC_MMAP_THRESHOLD_=65536``, so
-freed tensors go back to the operating system; after a warm-up step the heap is trimmed
-(``malloc_trim``, so pages the warm-up freed are not reused uncounted), the kernel's
-high-water mark is reset (``/proc/self/clear_refs``) and the peak is ``VmHWM`` after the
-step minus ``VmRSS`` before.
+Peak memory, one configuration at a time, after a warm-up step, by
+:func:`revtriton.memory.peak_memory_bytes`. CUDA: ``torch.cuda.max_memory_allocated`` minus
+what was allocated before the step. CPU: in a subprocess of its own (``python -m
+bench.measure peak JSON``) with ``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors go back to
+the operating system; the heap is trimmed (``malloc_trim``, so pages the warm-up freed are
+not reused uncounted), the kernel's high-water mark is reset (``/proc/self/clear_refs``) and
+the peak is ``VmHWM`` after the step minus ``VmRSS`` before.
 
 Time, all methods of a workload together (on CPU in one subprocess, ``python -m
 bench.measure times JSON``): after a warm-up step each, every round runs one step of each
@@ -26,6 +26,8 @@ import sys
 import time
 
 import torch
+
+from revtriton.memory import peak_memory_bytes
 
 from .workloads import build, peer_missing
 
@@ -53,28 +55,11 @@ def stepper(workload, method, device):
     return step
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def peak_bytes(workload, method, device):
     """``{"peak_bytes"}`` of one training step after a warm-up step, measured in this process."""
     step = stepper(workload, method, device)
     step()  # warm-up: lazy initialisation, allocator caches
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return {"peak_bytes": torch.cuda.max_memory_allocated() - before}
-    ctypes.CDLL(None).malloc_trim(0)  # hand back what the warm-up freed, so it does not count as live
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    step()
-    return {"peak_bytes": (_status_kib("VmHWM") - before) * 1024}
+    return {"peak_bytes": peak_memory_bytes(step, device)[1]}
 
 
 def step_seconds(workload, methods, device, steps):
