@@ -14,7 +14,10 @@ method, in an order that rotates from round to round, and each method's figure i
 over the rounds. A machine whose load drifts (a shared CPU) slows every method alike, so the
 ratios to eager stay meaningful. On CPU, timing raises glibc's mmap threshold to 32 MiB and
 its trim threshold to 1 GiB (``mallopt``) so that, as with a caching allocator, steps reuse
-memory instead of faulting in fresh pages every time.
+memory instead of faulting in fresh pages every time. For ``revtriton``, the time backward
+spends in its read check (:func:`revtriton.replay.check_reads`, the graph walk that refuses a
+tensor F or G read other than as an input) is summed per step: ``check_seconds``, the median
+over the rounds.
 """
 import contextlib
 import ctypes
@@ -27,6 +30,7 @@ import time
 
 import torch
 
+from revtriton import replay
 from revtriton.memory import peak_memory_bytes
 
 from .workloads import build, peer_missing
@@ -62,8 +66,28 @@ def peak_bytes(workload, method, device):
     return {"peak_bytes": peak_memory_bytes(step, device)[1]}
 
 
+@contextlib.contextmanager
+def timed_read_checks(seconds):
+    """Within the block, every read check of a chain's backward adds its time to ``seconds[0]``."""
+    check = replay.check_reads
+
+    def timed(*args):
+        start = time.perf_counter()
+        try:
+            return check(*args)
+        finally:
+            seconds[0] += time.perf_counter() - start
+
+    replay.check_reads = timed
+    try:
+        yield
+    finally:
+        replay.check_reads = check
+
+
 def step_seconds(workload, methods, device, steps):
-    """``{method: {"step_seconds"} or {"error"}}``: medians over ``steps`` interleaved rounds."""
+    """``{method: {"step_seconds"} (and "check_seconds" for revtriton) or {"error"}}``: medians
+    over ``steps`` interleaved rounds."""
     steps_of, results = {}, {}
     for method in methods:
         try:
@@ -72,20 +96,26 @@ def step_seconds(workload, methods, device, steps):
         except Exception as e:  # one method's failure is reported in its row
             steps_of.pop(method, None)
             results[method] = {"error": describe(e)}
-    times = {method: [] for method in steps_of}
+    times, checks = {method: [] for method in steps_of}, []
     for r in range(steps):
         order = list(steps_of)
         for method in order[r % len(order):] + order[: r % len(order)]:
             if method in results:
                 continue
+            check = [0.0]
             try:
-                t0 = _now(device)
-                steps_of[method]()
-                times[method].append(_now(device) - t0)
+                with timed_read_checks(check) if method == "revtriton" else contextlib.nullcontext():
+                    t0 = _now(device)
+                    steps_of[method]()
+                    times[method].append(_now(device) - t0)
             except Exception as e:
                 results[method] = {"error": describe(e)}
+            if method == "revtriton":
+                checks.append(check[0])
     for method, ts in times.items():
         results.setdefault(method, {"step_seconds": statistics.median(ts)})
+        if method == "revtriton" and "error" not in results[method]:
+            results[method]["check_seconds"] = statistics.median(checks)
     return {method: results[method] for method in methods}
 
 

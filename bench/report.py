@@ -128,8 +128,16 @@ def plot(rows, path):
     return f"plot: {path}"
 
 
+def read_checks(rows):
+    """A line per reversible row: the time its backward spent in the read check, per step."""
+    return [f"{r['workload']}: {r['check_seconds'] * 1e3:.2f} ms a step, {r['check_seconds'] / r['step_seconds']:.1%} "
+            f"of it" for r in rows if "check_seconds" in r]
+
+
 def save(rows, meta, stem):
     """Write ``stem``.json, ``stem``.md and ``stem``.png; return the paths written, as messages."""
     header = f"# python -m bench ({meta['device']}, {meta['date']})\n\nMemory: {meta['memory_method']}.\n\n"
-    markdown = header + markdown_table(COLUMNS, [cells(r) for r in rows]) + "\n"
+    checks = "\n".join(f"- {line}" for line in read_checks(rows))
+    footer = f"\nBackward's read check (revtriton; host time):\n\n{checks}\n" if checks else ""
+    markdown = header + markdown_table(COLUMNS, [cells(r) for r in rows]) + "\n" + footer
     return [write(stem, meta, rows, markdown), plot(rows, f"{stem}.png")]

@@ -24,11 +24,14 @@ def main(preset, peers, out_dir, steps):
         print(f"  {label(workload)}: {', '.join(methods)} ...", flush=True)
         for method, result in run(workload, methods, device, steps).items():
             print(f"    {method}: " + (result.get("error") or
-                  f"{result['peak_bytes'] / 2**20:.1f} MiB, {result['step_seconds'] * 1e3:.1f} ms"), flush=True)
+                  f"{result['peak_bytes'] / 2**20:.1f} MiB, {result['step_seconds'] * 1e3:.1f} ms"
+                  + (f" (read check {result['check_seconds'] * 1e3:.2f} ms)" if "check_seconds" in result else "")),
+                  flush=True)
             rows.append({"workload": label(workload), "method": method, **workload, **result})
     report.add_ratios(rows)
     print()
     print(report.table(rows))
+    print("\n".join(["backward's read check:"] + report.read_checks(rows)))
     name = f"{device.type}-{preset}{'-peers' if peers else ''}-{meta['date']}"
     for line in report.save(rows, meta, os.path.join(out_dir, name)):
         print(line)
