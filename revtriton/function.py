@@ -198,25 +198,65 @@ def _run_forward(blocks, x, run, log_det, side):
     return from_stream(stream, dim), ld
 
 
-@torch.compiler.disable
 def reversible_chain(blocks, x, preserve_rng_state=True, log_det=False, kwargs=None):
     """Run ``blocks`` on ``x`` reversibly, passing F and G the side inputs ``kwargs``
-    (:mod:`revtriton.side`). Without grad, no recompute state is kept. With ``log_det``,
-    return ``(y, log|det dy/dx| per sample)``.
+    (:mod:`revtriton.side`). With ``log_det``, return ``(y, log|det dy/dx| per sample)``.
 
-    torch.compile does not trace into the chain (a graph break): F and G run eagerly, and
-    the coupling ops they feed are the ones a compiled F or G can use.
+    With grad, one autograd node keeps only the output (:class:`ReversibleChainFunction`);
+    torch.compile does not trace into it (one graph break): F and G run eagerly, and the
+    coupling ops they feed are the ones a compiled F or G can use. Without grad, nothing is
+    kept for a recompute and torch.compile traces through the chain, the coupling ops included.
+    While ``torch.export`` or ``torch.jit.trace`` records it, the chain runs as ordinary
+    autograd ops (:func:`eager_chain`), which their graphs can hold. An empty chain is the
+    identity.
     """
+    if not blocks or torch.jit.is_tracing() or is_exporting():
+        return eager_chain(blocks, x, log_det, kwargs)
+    if torch.is_grad_enabled():
+        return _reversible_with_grad(blocks, x, preserve_rng_state, log_det, kwargs)
+    return _forward_only(blocks, x, log_det, kwargs)
+
+
+def _checked_side_inputs(blocks, x, kwargs):
+    """The checks of a chain's call, before any state changes; returns its side inputs."""
+    refuse_function_transforms()
     check_chain_input(blocks, x)
     side = side_inputs(blocks, kwargs)
     check_no_fsdp_unit_inside(blocks)
+    return side
+
+
+@torch.compiler.disable
+def _reversible_with_grad(blocks, x, preserve_rng_state, log_det, kwargs):
+    """The chain as one autograd node, or forward only if nothing in it requires grad."""
+    side = _checked_side_inputs(blocks, x, kwargs)
     params = trainable_parameters(blocks)
-    if torch.is_grad_enabled() and (x.requires_grad or params or any(t.requires_grad for t in side.tensors)):
+    if x.requires_grad or params or any(t.requires_grad for t in side.tensors):
         return ReversibleChainFunction.apply(x, tuple(blocks), preserve_rng_state, log_det, side, len(params),
                                              *params, *side.tensors)
-    with torch.no_grad():
-        y, ld = _run_forward(blocks, x, run_checked, log_det, side)
+    return _forward_only(blocks, x, log_det, kwargs, side)
+
+
+@torch.no_grad()
+def _forward_only(blocks, x, log_det, kwargs, side=None):
+    """The chain's forward with nothing kept for a recompute (torch.compile traces through it)."""
+    side = _checked_side_inputs(blocks, x, kwargs) if side is None else side
+    y, ld = _run_forward(blocks, x, run_checked, log_det, side)
     return (y, ld) if log_det else y
+
+
+def is_exporting():
+    """Whether ``torch.export`` is recording the code that runs (torch >= 2.5 can tell)."""
+    return getattr(torch.compiler, "is_exporting", lambda: False)()
+
+
+def refuse_function_transforms():
+    """Raise a clear error under torch.func transforms (vmap, grad, jacrev, ...)."""
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "a reversible chain cannot run under torch.func transforms (vmap, grad, jacrev, ...): its one "
+            "autograd node computes its own backward, which they cannot transform. For per-sample gradients, "
+            "run the eager twin: set reversible=False on the chain (the same modules and parameters).")
 
 
 @torch.no_grad()
@@ -230,6 +270,8 @@ def invert_chain(blocks, y, kwargs=None):
     """
     check_chain_input(blocks, y)
     side = side_inputs(blocks, kwargs)
+    if not blocks:
+        return y
     stream = to_stream(y, blocks[0].dim)
     for i, block in reversed(list(enumerate(blocks))):
         block.inverse_inplace(stream, runner(run_side_effect_free, side, i))
