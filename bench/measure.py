@@ -21,6 +21,7 @@ over the rounds.
 """
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import statistics
@@ -85,38 +86,58 @@ def timed_read_checks(seconds):
         replay.check_reads = check
 
 
+def interleaved_seconds(makers, device, rounds, extra=None):
+    """``{name: {"seconds"} or {"error"}}``: ``makers`` maps a name to a function that builds
+    the call to time. Each call runs once to warm up, then in every round once, in an order that
+    rotates from round to round; a figure is the median over the rounds. ``extra(name)``, if
+    given, returns None or ``(context, seconds)``: the call runs inside ``context``, which adds
+    to ``seconds[0]``, reported as the median ``extra_seconds``. One failure is its name's error."""
+    calls, results = {}, {}
+    for name, make in makers.items():
+        try:
+            calls[name] = make()
+            calls[name]()  # warm-up
+        except Exception as e:  # one method's failure is reported in its row
+            calls.pop(name, None)
+            results[name] = {"error": describe(e)}
+    times, extras = {name: [] for name in calls}, {name: [] for name in calls}
+    for r in range(rounds):
+        order = list(calls)
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            if name in results:
+                continue
+            context, seconds = (extra and extra(name)) or (contextlib.nullcontext(), None)
+            try:
+                with context:
+                    t0 = _now(device)
+                    calls[name]()
+                    times[name].append(_now(device) - t0)
+            except Exception as e:
+                results[name] = {"error": describe(e)}
+            if seconds is not None:
+                extras[name].append(seconds[0])
+    for name, ts in times.items():
+        results.setdefault(name, {"seconds": statistics.median(ts)})
+        if extras[name] and "error" not in results[name]:
+            results[name]["extra_seconds"] = statistics.median(extras[name])
+    return {name: results[name] for name in makers}
+
+
+def _read_check_timer(method):
+    """For revtriton, a context that times the backward's read checks, and where it adds."""
+    if method != "revtriton":
+        return None
+    seconds = [0.0]
+    return timed_read_checks(seconds), seconds
+
+
 def step_seconds(workload, methods, device, steps):
     """``{method: {"step_seconds"} (and "check_seconds" for revtriton) or {"error"}}``: medians
     over ``steps`` interleaved rounds."""
-    steps_of, results = {}, {}
-    for method in methods:
-        try:
-            steps_of[method] = stepper(workload, method, device)
-            steps_of[method]()  # warm-up
-        except Exception as e:  # one method's failure is reported in its row
-            steps_of.pop(method, None)
-            results[method] = {"error": describe(e)}
-    times, checks = {method: [] for method in steps_of}, []
-    for r in range(steps):
-        order = list(steps_of)
-        for method in order[r % len(order):] + order[: r % len(order)]:
-            if method in results:
-                continue
-            check = [0.0]
-            try:
-                with timed_read_checks(check) if method == "revtriton" else contextlib.nullcontext():
-                    t0 = _now(device)
-                    steps_of[method]()
-                    times[method].append(_now(device) - t0)
-            except Exception as e:
-                results[method] = {"error": describe(e)}
-            if method == "revtriton":
-                checks.append(check[0])
-    for method, ts in times.items():
-        results.setdefault(method, {"step_seconds": statistics.median(ts)})
-        if method == "revtriton" and "error" not in results[method]:
-            results[method]["check_seconds"] = statistics.median(checks)
-    return {method: results[method] for method in methods}
+    results = interleaved_seconds({m: functools.partial(stepper, workload, m, device) for m in methods}, device,
+                                  steps, _read_check_timer)
+    names = {"seconds": "step_seconds", "extra_seconds": "check_seconds", "error": "error"}
+    return {m: {names[k]: v for k, v in r.items()} for m, r in results.items()}
 
 
 def describe(e):
@@ -132,7 +153,7 @@ def _now(device):
     return time.perf_counter()
 
 
-def _in_subprocess(job, spec):
+def in_subprocess(job, spec):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-m", "bench.measure", job, json.dumps(spec)], env=env,
                           capture_output=True, text=True)
@@ -158,11 +179,11 @@ def run(workload, methods, device, steps=5):
             finally:
                 torch.cuda.empty_cache()
         else:
-            rows[method] = _in_subprocess("peak", {"workload": workload, "method": method})
+            rows[method] = in_subprocess("peak", {"workload": workload, "method": method})
     timed = [m for m in methods if "error" not in rows[m]]
     if timed:
         spec = {"workload": workload, "methods": timed, "steps": steps}
-        times = step_seconds(workload, timed, device, steps) if device.type == "cuda" else _in_subprocess("times", spec)
+        times = step_seconds(workload, timed, device, steps) if device.type == "cuda" else in_subprocess("times", spec)
         if "error" in times:  # the timing process itself failed
             times = {m: times for m in timed}
         for m in timed:
@@ -175,6 +196,10 @@ if __name__ == "__main__":
     cpu = torch.device("cpu")
     if job == "peak":
         print(json.dumps(peak_bytes(spec["workload"], spec["method"], cpu)))
+    elif job == "forward":
+        from .inference import forward_seconds
+
+        print(json.dumps(forward_seconds(spec["workload"], cpu, spec["rounds"])))
     else:
         libc = ctypes.CDLL(None)  # keep freed memory, as a caching allocator would
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)

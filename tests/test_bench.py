@@ -44,6 +44,12 @@ def test_tiny_suite_writes_every_field_finite_and_positive(tmp_path):
         assert row["method"] == "revtriton" or "check_seconds" not in row
     markdown = (tmp_path / result.name.replace(".json", ".md")).read_text()
     assert markdown.count("|") > 20 and "- encoder-decoder 2x32: " in markdown  # the read check's time
+    # inference: eager, reversible and compiled whole, for the chain and the transformer
+    assert {(r["workload"], r["method"]) for r in data["inference"]} == {
+        (w, m) for w in ("chain depth 4", "transformer 2x32") for m in ("eager", "revtriton", "compiled")}
+    for row in data["inference"]:
+        assert math.isfinite(row["forward_seconds"]) and row["forward_seconds"] > 0 and row["time_ratio"] > 0, row
+    assert "| transformer 2x32 | compiled |" in markdown
 
 
 def test_missing_peer_is_reported_in_its_row_and_the_others_still_run(monkeypatch):
