@@ -1,12 +1,12 @@
 """Peak memory and median time of one training step (forward, backward) per method.
 
-Peak memory, one configuration at a time. CUDA: ``torch.cuda.max_memory_allocated`` after
-``reset_peak_memory_stats``, minus what was allocated before the step. CPU: in a subprocess
-of its own (``python -m bench.measure peak JSON``) with ``MALLOC_MMAP_THRESHOLD_=65536``, so
-freed tensors go back to the operating system; after a warm-up step the heap is trimmed
-(``malloc_trim``, so pages the warm-up freed are not reused uncounted), the kernel's
-high-water mark is reset (``/proc/self/clear_refs``) and the peak is ``VmHWM`` after the
-step minus ``VmRSS`` before.
+Peak memory, one configuration at a time, after a warm-up step, by
+:func:`revtriton.memory.peak_memory_bytes`. CUDA: ``torch.cuda.max_memory_allocated`` minus
+what was allocated before the step. CPU: in a subprocess of its own (``python -m
+bench.measure peak JSON``) with ``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors go back to
+the operating system; the heap is trimmed (``malloc_trim``, so pages the warm-up freed are
+not reused uncounted), the kernel's high-water mark is reset (``/proc/self/clear_refs``) and
+the peak is ``VmHWM`` after the step minus ``VmRSS`` before.
 
 Time, all methods of a workload together (on CPU in one subprocess, ``python -m
 bench.measure times JSON``): after a warm-up step each, every round runs one step of each
@@ -14,10 +14,14 @@ method, in an order that rotates from round to round, and each method's figure i
 over the rounds. A machine whose load drifts (a shared CPU) slows every method alike, so the
 ratios to eager stay meaningful. On CPU, timing raises glibc's mmap threshold to 32 MiB and
 its trim threshold to 1 GiB (``mallopt``) so that, as with a caching allocator, steps reuse
-memory instead of faulting in fresh pages every time.
+memory instead of faulting in fresh pages every time. For ``revtriton``, the time backward
+spends in its read check (:func:`revtriton.replay.check_reads`, the graph walk that refuses a
+tensor F or G read other than as an input) is summed per step: ``check_seconds``, the median
+over the rounds.
 """
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import statistics
@@ -26,6 +30,9 @@ import sys
 import time
 
 import torch
+
+from revtriton import replay
+from revtriton.memory import peak_memory_bytes
 
 from .workloads import build, peer_missing
 
@@ -53,55 +60,84 @@ def stepper(workload, method, device):
     return step
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def peak_bytes(workload, method, device):
     """``{"peak_bytes"}`` of one training step after a warm-up step, measured in this process."""
     step = stepper(workload, method, device)
     step()  # warm-up: lazy initialisation, allocator caches
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return {"peak_bytes": torch.cuda.max_memory_allocated() - before}
-    ctypes.CDLL(None).malloc_trim(0)  # hand back what the warm-up freed, so it does not count as live
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    step()
-    return {"peak_bytes": (_status_kib("VmHWM") - before) * 1024}
+    return {"peak_bytes": peak_memory_bytes(step, device)[1]}
+
+
+@contextlib.contextmanager
+def timed_read_checks(seconds):
+    """Within the block, every read check of a chain's backward adds its time to ``seconds[0]``."""
+    check = replay.check_reads
+
+    def timed(*args):
+        start = time.perf_counter()
+        try:
+            return check(*args)
+        finally:
+            seconds[0] += time.perf_counter() - start
+
+    replay.check_reads = timed
+    try:
+        yield
+    finally:
+        replay.check_reads = check
+
+
+def interleaved_seconds(makers, device, rounds, extra=None):
+    """``{name: {"seconds"} or {"error"}}``: ``makers`` maps a name to a function that builds
+    the call to time. Each call runs once to warm up, then in every round once, in an order that
+    rotates from round to round; a figure is the median over the rounds. ``extra(name)``, if
+    given, returns None or ``(context, seconds)``: the call runs inside ``context``, which adds
+    to ``seconds[0]``, reported as the median ``extra_seconds``. One failure is its name's error."""
+    calls, results = {}, {}
+    for name, make in makers.items():
+        try:
+            calls[name] = make()
+            calls[name]()  # warm-up
+        except Exception as e:  # one method's failure is reported in its row
+            calls.pop(name, None)
+            results[name] = {"error": describe(e)}
+    times, extras = {name: [] for name in calls}, {name: [] for name in calls}
+    for r in range(rounds):
+        order = list(calls)
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            if name in results:
+                continue
+            context, seconds = (extra and extra(name)) or (contextlib.nullcontext(), None)
+            try:
+                with context:
+                    t0 = _now(device)
+                    calls[name]()
+                    times[name].append(_now(device) - t0)
+            except Exception as e:
+                results[name] = {"error": describe(e)}
+            if seconds is not None:
+                extras[name].append(seconds[0])
+    for name, ts in times.items():
+        results.setdefault(name, {"seconds": statistics.median(ts)})
+        if extras[name] and "error" not in results[name]:
+            results[name]["extra_seconds"] = statistics.median(extras[name])
+    return {name: results[name] for name in makers}
+
+
+def _read_check_timer(method):
+    """For revtriton, a context that times the backward's read checks, and where it adds."""
+    if method != "revtriton":
+        return None
+    seconds = [0.0]
+    return timed_read_checks(seconds), seconds
 
 
 def step_seconds(workload, methods, device, steps):
-    """``{method: {"step_seconds"} or {"error"}}``: medians over ``steps`` interleaved rounds."""
-    steps_of, results = {}, {}
-    for method in methods:
-        try:
-            steps_of[method] = stepper(workload, method, device)
-            steps_of[method]()  # warm-up
-        except Exception as e:  # one method's failure is reported in its row
-            steps_of.pop(method, None)
-            results[method] = {"error": describe(e)}
-    times = {method: [] for method in steps_of}
-    for r in range(steps):
-        order = list(steps_of)
-        for method in order[r % len(order):] + order[: r % len(order)]:
-            if method in results:
-                continue
-            try:
-                t0 = _now(device)
-                steps_of[method]()
-                times[method].append(_now(device) - t0)
-            except Exception as e:
-                results[method] = {"error": describe(e)}
-    for method, ts in times.items():
-        results.setdefault(method, {"step_seconds": statistics.median(ts)})
-    return {method: results[method] for method in methods}
+    """``{method: {"step_seconds"} (and "check_seconds" for revtriton) or {"error"}}``: medians
+    over ``steps`` interleaved rounds."""
+    results = interleaved_seconds({m: functools.partial(stepper, workload, m, device) for m in methods}, device,
+                                  steps, _read_check_timer)
+    names = {"seconds": "step_seconds", "extra_seconds": "check_seconds", "error": "error"}
+    return {m: {names[k]: v for k, v in r.items()} for m, r in results.items()}
 
 
 def describe(e):
@@ -117,7 +153,7 @@ def _now(device):
     return time.perf_counter()
 
 
-def _in_subprocess(job, spec):
+def in_subprocess(job, spec):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-m", "bench.measure", job, json.dumps(spec)], env=env,
                           capture_output=True, text=True)
@@ -143,11 +179,11 @@ def run(workload, methods, device, steps=5):
             finally:
                 torch.cuda.empty_cache()
         else:
-            rows[method] = _in_subprocess("peak", {"workload": workload, "method": method})
+            rows[method] = in_subprocess("peak", {"workload": workload, "method": method})
     timed = [m for m in methods if "error" not in rows[m]]
     if timed:
         spec = {"workload": workload, "methods": timed, "steps": steps}
-        times = step_seconds(workload, timed, device, steps) if device.type == "cuda" else _in_subprocess("times", spec)
+        times = step_seconds(workload, timed, device, steps) if device.type == "cuda" else in_subprocess("times", spec)
         if "error" in times:  # the timing process itself failed
             times = {m: times for m in timed}
         for m in timed:
@@ -160,6 +196,10 @@ if __name__ == "__main__":
     cpu = torch.device("cpu")
     if job == "peak":
         print(json.dumps(peak_bytes(spec["workload"], spec["method"], cpu)))
+    elif job == "forward":
+        from .inference import forward_seconds
+
+        print(json.dumps(forward_seconds(spec["workload"], cpu, spec["rounds"])))
     else:
         libc = ctypes.CDLL(None)  # keep freed memory, as a caching allocator would
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)

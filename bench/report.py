@@ -61,11 +61,12 @@ def table(rows):
     return text_table(COLUMNS, [cells(r) for r in rows])
 
 
-def write(stem, meta, rows, markdown):
-    """Write ``stem``.json (``meta`` and ``rows``) and ``stem``.md (``markdown``); return a message."""
+def write(stem, meta, rows, markdown, **sections):
+    """Write ``stem``.json (``meta``, ``rows`` and any other ``sections``) and ``stem``.md
+    (``markdown``); return a message."""
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     with open(f"{stem}.json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, **sections}, f, indent=1)
     with open(f"{stem}.md", "w") as f:
         f.write(markdown)
     return f"results: {stem}.json, {stem}.md"
@@ -128,8 +129,35 @@ def plot(rows, path):
     return f"plot: {path}"
 
 
-def save(rows, meta, stem):
-    """Write ``stem``.json, ``stem``.md and ``stem``.png; return the paths written, as messages."""
+INFERENCE_COLUMNS = ("workload", "method", "forward ms", "x eager")
+
+
+def inference_cells(r):
+    if "error" in r:
+        return [r["workload"], r["method"], f"error: {r['error']}", ""]
+    return [r["workload"], r["method"], f"{r['forward_seconds'] * 1e3:.1f}", f"{r.get('time_ratio', math.nan):.2f}"]
+
+
+def inference_table(rows):
+    """The inference rows as a fixed-width text table."""
+    return text_table(INFERENCE_COLUMNS, [inference_cells(r) for r in rows])
+
+
+def read_checks(rows):
+    """A line per reversible row: the time its backward spent in the read check, per step."""
+    return [f"{r['workload']}: {r['check_seconds'] * 1e3:.2f} ms a step, {r['check_seconds'] / r['step_seconds']:.1%} "
+            f"of it" for r in rows if "check_seconds" in r]
+
+
+def save(rows, meta, stem, inference=()):
+    """Write ``stem``.json, ``stem``.md and ``stem``.png of the training ``rows`` and the
+    ``inference`` rows; return the paths written, as messages."""
     header = f"# python -m bench ({meta['device']}, {meta['date']})\n\nMemory: {meta['memory_method']}.\n\n"
+    checks = "\n".join(f"- {line}" for line in read_checks(rows))
     markdown = header + markdown_table(COLUMNS, [cells(r) for r in rows]) + "\n"
-    return [write(stem, meta, rows, markdown), plot(rows, f"{stem}.png")]
+    if checks:
+        markdown += f"\nBackward's read check (revtriton; host time):\n\n{checks}\n"
+    if inference:
+        markdown += (f"\nInference: a forward without grad in eval mode; compiled: torch.compile(fullgraph=True) of "
+                     f"the reversible model.\n\n{markdown_table(INFERENCE_COLUMNS, [inference_cells(r) for r in inference])}\n")
+    return [write(stem, meta, rows, markdown, inference=list(inference)), plot(rows, f"{stem}.png")]

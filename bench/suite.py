@@ -4,8 +4,8 @@ import os
 
 import torch
 
-from . import report
-from .measure import CPU_METHOD, CUDA_METHOD, describe, run
+from . import inference, report
+from .measure import CPU_METHOD, CUDA_METHOD, describe, in_subprocess, run
 from .workloads import build_reversible, by_method, label, methods_for, peer_missing, suite
 
 
@@ -24,14 +24,40 @@ def main(preset, peers, out_dir, steps):
         print(f"  {label(workload)}: {', '.join(methods)} ...", flush=True)
         for method, result in run(workload, methods, device, steps).items():
             print(f"    {method}: " + (result.get("error") or
-                  f"{result['peak_bytes'] / 2**20:.1f} MiB, {result['step_seconds'] * 1e3:.1f} ms"), flush=True)
+                  f"{result['peak_bytes'] / 2**20:.1f} MiB, {result['step_seconds'] * 1e3:.1f} ms"
+                  + (f" (read check {result['check_seconds'] * 1e3:.2f} ms)" if "check_seconds" in result else "")),
+                  flush=True)
             rows.append({"workload": label(workload), "method": method, **workload, **result})
     report.add_ratios(rows)
+    forwards = inference_rows(preset, device, steps)
     print()
     print(report.table(rows))
+    print("\n".join(["backward's read check:"] + report.read_checks(rows)))
+    print(f"\ninference (no grad, eval mode):\n{report.inference_table(forwards)}")
     name = f"{device.type}-{preset}{'-peers' if peers else ''}-{meta['date']}"
-    for line in report.save(rows, meta, os.path.join(out_dir, name)):
+    for line in report.save(rows, meta, os.path.join(out_dir, name), forwards):
         print(line)
+    return rows, forwards
+
+
+def inference_rows(preset, device, rounds):
+    """One row per inference workload and method (:mod:`bench.inference`), with its time as a
+    ratio to eager's."""
+    rows = []
+    for workload in inference.workloads(*suite(preset)):
+        print(f"  {label(workload)}, inference: {', '.join(inference.METHODS)} ...", flush=True)
+        spec = {"workload": workload, "rounds": rounds}
+        times = in_subprocess("forward", spec) if device.type == "cpu" else \
+            inference.forward_seconds(workload, device, rounds)
+        if "error" in times:  # the timing process itself failed
+            times = {m: times for m in inference.METHODS}
+        for method, result in times.items():
+            print(f"    {method}: " + (result.get("error") or f"{result['forward_seconds'] * 1e3:.1f} ms"), flush=True)
+            rows.append({"workload": label(workload), "method": method, **workload, **result})
+    eager = {r["workload"]: r for r in rows if r["method"] == "eager" and "error" not in r}
+    for r in rows:
+        if r["workload"] in eager and "error" not in r:
+            r["time_ratio"] = r["forward_seconds"] / eager[r["workload"]]["forward_seconds"]
     return rows
 
 

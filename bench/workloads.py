@@ -4,7 +4,10 @@ Methods: ``eager`` (the eager twin, plain autograd), ``checkpoint`` (the eager t
 ``torch.utils.checkpoint`` per reversible block), ``revtriton`` (the reversible model), and
 the peers ``memcnn`` and ``revlib`` (the same F and G in their reversible wrappers; additive
 depth sweep only). The affine sweep is a flow trained on its negative log-likelihood
-(output and log-determinant), against its eager twin. Every method of a workload starts from the same parameters (seed 0).
+(output and log-determinant), against its eager twin. The transformer runs causal with a
+padding mask (side inputs); the encoder-decoder's decoder attends to the encoder's output (a
+side input) with padding masks on both sides. Every method of a workload starts from the same
+parameters (seed 0).
 """
 import functools
 import importlib.util
@@ -15,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 import revtriton as rt
 from revtriton import models
+from revtriton.function import eager_chain
 
 METHODS = ("eager", "checkpoint", "revtriton")
 PEERS = ("memcnn", "revlib")
@@ -29,9 +33,9 @@ def chains(model):
     return [m for m in model.modules() if isinstance(m, rt.ReversibleSequential)]
 
 
-def _checkpointed(blocks, x):
+def _checkpointed(blocks, x, **kwargs):
     for block in blocks:
-        x = checkpoint(block.eager_forward, x, use_reentrant=False)
+        x = checkpoint(eager_chain, (block,), x, False, kwargs, use_reentrant=False)
     return x
 
 
@@ -45,6 +49,37 @@ def as_method(model, method):
         else:
             vars(chain).pop("forward", None)  # the class's forward again
     return model
+
+
+def padding_mask(batch, tokens):
+    """(batch, tokens), True at padding: sample i keeps ``tokens * (1 - i / (2 * batch))`` tokens."""
+    lengths = [tokens - i * tokens // (2 * batch) for i in range(batch)]
+    return torch.arange(tokens)[None, :] >= torch.tensor(lengths)[:, None]
+
+
+class MaskedTransformer(nn.Module):
+    """``model(x, key_padding_mask, causal=True)`` as a module of ``x`` alone (the mask a buffer)."""
+
+    def __init__(self, model, mask):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return self.model(x, key_padding_mask=self.mask, causal=True)
+
+
+class Seq2Seq(nn.Module):
+    """An encoder-decoder as a module of the target alone: the source and the masks are buffers."""
+
+    def __init__(self, model, src, src_mask, tgt_mask):
+        super().__init__()
+        self.model = model
+        for name, t in (("src", src), ("src_mask", src_mask), ("tgt_mask", tgt_mask)):
+            self.register_buffer(name, t)
+
+    def forward(self, tgt):
+        return self.model(self.src, tgt, self.src_mask, self.tgt_mask)
 
 
 class _Copy(nn.Module):
@@ -102,10 +137,17 @@ def build_reversible(workload):
         model = getattr(models, workload["model"])()
         shape = (workload["batch"], 3, workload["size"], workload["size"])
     elif kind == "transformer":
-        model = models.reversible_transformer(workload["width"], workload["depth"], workload["heads"])
+        model = MaskedTransformer(models.reversible_transformer(workload["width"], workload["depth"], workload["heads"]),
+                                  padding_mask(workload["batch"], workload["tokens"]))
         shape = (workload["batch"], workload["tokens"], workload["width"])
+    elif kind == "encdec":
+        batch, tokens, width = workload["batch"], workload["tokens"], workload["width"]
+        mask = padding_mask(batch, tokens)
+        model = Seq2Seq(models.EncoderDecoder(width, workload["depth"], workload["heads"]),
+                        torch.randn(batch, tokens, width), mask, mask)
+        shape = (batch, tokens, width)
     else:
-        raise ValueError(f"workload kind={kind!r}; expected 'chain', 'affine', 'cifar' or 'transformer'")
+        raise ValueError(f"workload kind={kind!r}; expected 'chain', 'affine', 'cifar', 'transformer' or 'encdec'")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(workload.get("autocast"))
     return model, torch.randn(shape), loss_fn, dtype
 
@@ -138,17 +180,19 @@ def suite(preset):
     H200 check) or ``tiny`` (the end-to-end test)."""
     if preset == "tiny":
         sweep = [dict(kind=k, depth=d, batch=4, channels=16, size=32) for k in ("chain", "affine") for d in (2, 4)]
-        return sweep, [dict(kind="transformer", width=32, depth=2, heads=2, tokens=128, batch=4)]
+        return sweep, [dict(kind=k, width=32, depth=2, heads=2, tokens=128, batch=4) for k in ("transformer", "encdec")]
     if preset == "cpu":
         sweep = [dict(kind=k, depth=d, batch=32, channels=32, size=32) for k in ("chain", "affine") for d in (4, 16, 64)]
         refs = [dict(kind="cifar", model=m, batch=8, size=32) for m in ("revnet38", "resnet32", "revnet110")]
-        refs.append(dict(kind="transformer", width=256, depth=8, heads=4, tokens=128, batch=4))
+        refs += [dict(kind="transformer", width=256, depth=8, heads=4, tokens=128, batch=4),
+                 dict(kind="encdec", width=256, depth=4, heads=4, tokens=128, batch=4)]
         return sweep, refs
     if preset == "gpu":
         sweep = [dict(kind=k, depth=d, batch=64, channels=64, size=32) for k in ("chain", "affine") for d in (4, 16, 64)]
         refs = [dict(kind="cifar", model=m, batch=128, size=32)
                 for m in ("revnet38", "resnet32", "revnet110", "resnet110", "revnet164", "resnet164")]
-        refs.append(dict(kind="transformer", width=1024, depth=24, heads=16, tokens=1024, batch=8, autocast="bf16"))
+        refs += [dict(kind="transformer", width=1024, depth=24, heads=16, tokens=1024, batch=8, autocast="bf16"),
+                 dict(kind="encdec", width=1024, depth=12, heads=16, tokens=1024, batch=8, autocast="bf16")]
         return sweep, refs
     raise ValueError(f"preset={preset!r}; expected 'cpu', 'gpu' or 'tiny'")
 
@@ -160,7 +204,8 @@ def label(workload):
         return f"{kind} depth {workload['depth']}"
     if kind == "cifar":
         return workload["model"]
-    return f"transformer {workload['depth']}x{workload['width']}"
+    name = "encoder-decoder" if kind == "encdec" else "transformer"
+    return f"{name} {workload['depth']}x{workload['width']}"
 
 
 def methods_for(workload, peers):

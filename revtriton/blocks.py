@@ -11,21 +11,24 @@ along the block's ``dim`` (``x1, x2 = x``).
   DESIGN.md), counting the per-sample gradient ``log_det_grad`` of the log-determinant (or
   None); returns the parameter gradients as ``[(param, grad), ...]``.
 
-``eager_forward(x, log_det=None)`` computes the same with plain autograd (for debugging).
+``eager_forward(x, log_det=None, run=call)`` computes the same with plain autograd (for
+debugging). ``FUNCTIONS`` names the block's F and G submodules: the ones that take side inputs.
 
 ``run(name, module, input)`` and ``vjp(module, input, grad)`` call F and G; the chain picks
-them so that the recompute replays the forward's RNG and autocast state.
+them so that the recompute replays the forward's RNG and autocast state and every call gets
+its side inputs.
 """
 import torch
 from torch import nn
 
 from . import ops
+from .function import invert_chain, reversible_chain
+from .stream import halves
 
 
-def halves(t, dim):
-    """The two halves of ``t`` along ``dim`` as views (no copy)."""
-    half = t.shape[dim] // 2
-    return t.narrow(dim, 0, half), t.narrow(dim, half, half)
+def call(name, module, x):
+    """``module(x)``: how ``eager_forward`` calls F and G when no chain passes its own ``run``."""
+    return module(x)
 
 
 def _step_back(vjp, fn, inp, grad_out, rebuilt, grad_in):
@@ -50,14 +53,12 @@ def _as_module(name, fn):
 
 
 class _Callable(nn.Module):
-    """Wraps a plain callable (no parameters of its own) as an nn.Module."""
+    """Wraps a plain callable (no parameters of its own) as an nn.Module whose forward is the
+    callable itself, so that its signature says which side inputs it takes."""
 
     def __init__(self, fn):
         super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
+        self.forward = fn
 
 
 class ReversibleBlock(nn.Module):
@@ -76,7 +77,10 @@ class ReversibleBlock(nn.Module):
 
     Used alone, a block is a chain of one: it keeps only its output for backward. Prefer
     :class:`~revtriton.ReversibleSequential` for many blocks (one autograd node for all).
+    ``block(x, **kwargs)`` passes side inputs to F and G as a chain does.
     """
+
+    FUNCTIONS = ("f", "g")
 
     def __init__(self, f, g, dim=1, preserve_rng_state=True):
         super().__init__()
@@ -99,16 +103,13 @@ class ReversibleBlock(nn.Module):
             raise ValueError(f"the input's size along dim={self.dim} is {x.shape[self.dim]}; expected an "
                              f"even size to split into two halves (input shape {tuple(x.shape)})")
 
-    def forward(self, x):
-        from .function import reversible_chain
+    def forward(self, x, **kwargs):
+        return reversible_chain((self,), x, self.preserve_rng_state, kwargs=kwargs)
 
-        return reversible_chain((self,), x, self.preserve_rng_state)
-
-    def inverse(self, y):
-        """Rebuild the input from the output ``y`` (without gradient; ``y`` is not modified)."""
-        from .function import invert_chain
-
-        return invert_chain((self,), y)
+    def inverse(self, y, **kwargs):
+        """Rebuild the input from the output ``y`` (without gradient; ``y`` is not modified),
+        given the side inputs of the forward call."""
+        return invert_chain((self,), y, kwargs)
 
     def forward_inplace(self, x, run, log_det=None):  # volume-preserving: adds 0 to log_det
         x1, x2 = x
@@ -126,8 +127,8 @@ class ReversibleBlock(nn.Module):
         f_params = _step_back(vjp, self.f, y2, dy1, y1, dy2)  # x1 = y1 - F(x2);  dx2 = dy2 + dF/dx2^T dy1
         return f_params + g_params
 
-    def eager_forward(self, x, log_det=None):
+    def eager_forward(self, x, log_det=None, run=call):
         """The same function with plain autograd, keeping every activation (for debugging)."""
         x1, x2 = halves(x, self.dim)
-        y1 = x1 + self.f(x2)
-        return torch.cat([y1, x2 + self.g(y1)], dim=self.dim)
+        y1 = x1 + run("f", self.f, x2)
+        return torch.cat([y1, x2 + run("g", self.g, y1)], dim=self.dim)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .blocks import ReversibleBlock, _as_module, halves
+from .blocks import ReversibleBlock, _as_module, call, halves
 
 
 def _number(name, value, inside, expected):
@@ -66,6 +66,8 @@ class AffineBlock(_Coupling):
         preserve_rng_state: replay the RNG state of s and t in the backward recompute.
     """
 
+    FUNCTIONS = ("s", "t")
+
     def __init__(self, s, t, dim=1, clamp=2.0, swap=False, preserve_rng_state=True):
         super().__init__(dim, preserve_rng_state)
         self.s = _as_module("s", s)
@@ -108,11 +110,11 @@ class AffineBlock(_Coupling):
         _add_grad_(dy1, s_y1)
         return s_params + t_params
 
-    def eager_forward(self, x, log_det=None):
+    def eager_forward(self, x, log_det=None, run=call):
         """The same function with plain autograd, keeping every activation (for debugging)."""
         x1, x2 = self._halves(halves(x, self.dim))
-        s = ops.soft_clamp(self.s(x1), self.clamp)
-        y2 = x2 * s.exp() + self.t(x1)
+        s = ops.soft_clamp(run("s", self.s, x1), self.clamp)
+        y2 = x2 * s.exp() + run("t", self.t, x1)
         if log_det is not None:
             log_det += ops.per_sample_sum(s)
         return torch.cat([y2, x1] if self.swap else [x1, y2], dim=self.dim)
@@ -136,6 +138,8 @@ class MomentumBlock(_Coupling):
         dim: the dimension split in two; its size must be even.
         preserve_rng_state: replay the RNG state of f in the backward recompute.
     """
+
+    FUNCTIONS = ("f",)
 
     def __init__(self, f, beta=0.9, dim=1, preserve_rng_state=True):
         super().__init__(dim, preserve_rng_state)
@@ -167,10 +171,10 @@ class MomentumBlock(_Coupling):
         ops.momentum_backward_v(v, f, dx, torch.zeros_like(f) if f_x is None else f_x, dv, self.beta)
         return f_params
 
-    def eager_forward(self, xv, log_det=None):
+    def eager_forward(self, xv, log_det=None, run=call):
         """The same function with plain autograd, keeping every activation (for debugging)."""
         x, v = halves(xv, self.dim)
-        v = self.beta * v + (1 - self.beta) * self.f(x)
+        v = self.beta * v + (1 - self.beta) * run("f", self.f, x)
         if log_det is not None:
             log_det += self._log_det(v)
         return torch.cat([x + v, v], dim=self.dim)

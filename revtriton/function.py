@@ -3,11 +3,14 @@
 Forward copies the input once into a stream: its two halves along ``dim``, stacked as one
 ``(2, ...)`` buffer, so that each half is contiguous for F, G and the kernels. Every block
 runs in place on the stream, without autograd; the output is the stream joined back, and
-only the output is saved. Backward walks the blocks in reverse, rebuilding each block's
-input in place in a stream copied from the output (whose storage it then frees if
-nothing else can read it) and its input gradient in a gradient stream of the chain's own
-(Algorithm 1 in DESIGN.md): F and G run twice per step, activation memory does not grow
-with depth.
+only the output (and the side inputs, by reference) is saved. Backward walks the blocks in
+reverse, rebuilding each block's input in place in a stream copied from the output (whose
+storage it then frees if nothing else can read it) and its input gradient in a gradient
+stream of the chain's own (Algorithm 1 in DESIGN.md): F and G run twice per step,
+activation memory does not grow with depth.
+
+Blocks call F and G through ``run(name, module, half)`` (see :mod:`revtriton.blocks`); the
+chain's ``run`` names the call ``blocks[i].name`` and passes the module its side inputs.
 """
 import functools
 import weakref
@@ -15,18 +18,23 @@ import weakref
 import torch
 from torch.autograd.function import once_differentiable
 
-from .blocks import halves
 from .replay import Recorder, run_checked, run_side_effect_free
+from .side import NO_SIDE_INPUTS, SideInputs
+from .stream import from_stream, to_stream
 
 
-def to_stream(x, dim):
-    """``x``'s two halves along ``dim`` as one contiguous ``(2, ...)`` buffer (a copy)."""
-    return torch.stack(halves(x.detach(), dim))
+def side_inputs(blocks, kwargs):
+    """``kwargs`` as the side inputs of a call of ``blocks``: a TypeError, before any state
+    changes, for a keyword that none of their F and G modules takes."""
+    if not kwargs:
+        return NO_SIDE_INPUTS
+    return SideInputs(kwargs, [getattr(block, name) for block in blocks for name in block.FUNCTIONS])
 
 
-def from_stream(stream, dim):
-    """The tensor whose halves along ``dim`` are ``stream[0]`` and ``stream[1]`` (a copy)."""
-    return torch.cat(tuple(stream), dim)
+def runner(run, side, index):
+    """The ``run(name, module, half)`` that ``blocks[index]`` calls F and G with: ``run(
+    "blocks[index].name", module, half, its side inputs)``."""
+    return lambda name, module, x: run(f"blocks[{index}].{name}", module, x, side.for_module(module))
 
 
 def check_chain_input(blocks, x):
@@ -147,12 +155,13 @@ class ReversibleChainFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, blocks, preserve_rng_state, log_det, *params):
+    def forward(ctx, x, blocks, preserve_rng_state, log_det, side, n_params, *tensors):
+        params, side_tensors = tensors[:n_params], tensors[n_params:]
         recorder = Recorder(x.device, preserve_rng_state)
-        y, ld = _run_forward(blocks, x, recorder.forward, log_det)
-        ctx.blocks, ctx.recorder = blocks, recorder
+        y, ld = _run_forward(blocks, x, recorder.forward, log_det, side)
+        ctx.blocks, ctx.recorder, ctx.side = blocks, recorder, side.without_tensors()
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
-        ctx.save_for_backward(y)
+        ctx.save_for_backward(y, *side_tensors)  # version-checked: modifying them in place raises
         ctx.output = weakref.ref(y)
         return (y, ld) if log_det else y
 
@@ -160,13 +169,15 @@ class ReversibleChainFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y, grad_log_det=None):
         dim = ctx.blocks[0].dim
-        y = ctx.saved_tensors[0]
+        y, *side_tensors = ctx.saved_tensors
         stream = to_stream(y, dim)  # becomes each block's input in turn
         release_if_unshared(y, ctx.output)
         del y
         grad = to_stream(grad_y, dim)
         param_grads = [None] * len(ctx.param_index)
-        vjp = ctx.recorder.replay_reversed()
+        wants_grad = ctx.needs_input_grad[6 + len(param_grads):]
+        side = ctx.side.replaced([t.detach().requires_grad_(w) for t, w in zip(side_tensors, wants_grad)])
+        vjp, side_grads = ctx.recorder.replay_reversed(side)
         for block in reversed(ctx.blocks):
             for p, g in block.backward_inplace(stream, grad, vjp, grad_log_det):
                 i = ctx.param_index.get(id(p))
@@ -174,47 +185,105 @@ class ReversibleChainFunction(torch.autograd.Function):
                     param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
         del stream
         dx = from_stream(grad, dim) if ctx.needs_input_grad[0] else None
-        return (dx, None, None, None, *param_grads)
+        return (dx, None, None, None, None, None, *param_grads, *side_grads)
 
 
-def _run_forward(blocks, x, run, log_det):
+def _run_forward(blocks, x, run, log_det, side):
     """``(y, log_det or None)``: the blocks run in place on a stream of ``x``."""
     dim = blocks[0].dim
     stream = to_stream(x, dim)
     ld = new_log_det(blocks, x) if log_det else None
-    for block in blocks:
-        block.forward_inplace(stream, run, ld)
+    for i, block in enumerate(blocks):
+        block.forward_inplace(stream, runner(run, side, i), ld)
     return from_stream(stream, dim), ld
 
 
-@torch.compiler.disable
-def reversible_chain(blocks, x, preserve_rng_state=True, log_det=False):
-    """Run ``blocks`` on ``x`` reversibly. Without grad, no recompute state is kept. With
-    ``log_det``, return ``(y, log|det dy/dx| per sample)``.
+def reversible_chain(blocks, x, preserve_rng_state=True, log_det=False, kwargs=None):
+    """Run ``blocks`` on ``x`` reversibly, passing F and G the side inputs ``kwargs``
+    (:mod:`revtriton.side`). With ``log_det``, return ``(y, log|det dy/dx| per sample)``.
 
-    torch.compile does not trace into the chain (a graph break): F and G run eagerly, and
-    the coupling ops they feed are the ones a compiled F or G can use.
+    With grad, one autograd node keeps only the output (:class:`ReversibleChainFunction`);
+    torch.compile does not trace into it (one graph break): F and G run eagerly, and the
+    coupling ops they feed are the ones a compiled F or G can use. Without grad, nothing is
+    kept for a recompute and torch.compile traces through the chain, the coupling ops included.
+    While ``torch.export`` or ``torch.jit.trace`` records it, the chain runs as ordinary
+    autograd ops (:func:`eager_chain`), which their graphs can hold. An empty chain is the
+    identity.
     """
+    if not blocks or torch.jit.is_tracing() or is_exporting():
+        return eager_chain(blocks, x, log_det, kwargs)
+    if torch.is_grad_enabled():
+        return _reversible_with_grad(blocks, x, preserve_rng_state, log_det, kwargs)
+    return _forward_only(blocks, x, log_det, kwargs)
+
+
+def _checked_side_inputs(blocks, x, kwargs):
+    """The checks of a chain's call, before any state changes; returns its side inputs."""
+    refuse_function_transforms()
     check_chain_input(blocks, x)
+    side = side_inputs(blocks, kwargs)
     check_no_fsdp_unit_inside(blocks)
+    return side
+
+
+@torch.compiler.disable
+def _reversible_with_grad(blocks, x, preserve_rng_state, log_det, kwargs):
+    """The chain as one autograd node, or forward only if nothing in it requires grad."""
+    side = _checked_side_inputs(blocks, x, kwargs)
     params = trainable_parameters(blocks)
-    if torch.is_grad_enabled() and (x.requires_grad or params):
-        return ReversibleChainFunction.apply(x, tuple(blocks), preserve_rng_state, log_det, *params)
-    with torch.no_grad():
-        y, ld = _run_forward(blocks, x, run_checked, log_det)
-    return (y, ld) if log_det else y
+    if x.requires_grad or params or any(t.requires_grad for t in side.tensors):
+        return ReversibleChainFunction.apply(x, tuple(blocks), preserve_rng_state, log_det, side, len(params),
+                                             *params, *side.tensors)
+    return _forward_only(blocks, x, log_det, kwargs, side)
 
 
 @torch.no_grad()
-def invert_chain(blocks, y):
-    """Rebuild a chain's input from its output ``y`` (``y`` itself is not modified).
+def _forward_only(blocks, x, log_det, kwargs, side=None):
+    """The chain's forward with nothing kept for a recompute (torch.compile traces through it)."""
+    side = _checked_side_inputs(blocks, x, kwargs) if side is None else side
+    y, ld = _run_forward(blocks, x, run_checked, log_det, side)
+    return (y, ld) if log_det else y
+
+
+def is_exporting():
+    """Whether ``torch.export`` is recording the code that runs (torch >= 2.5 can tell)."""
+    return getattr(torch.compiler, "is_exporting", lambda: False)()
+
+
+def refuse_function_transforms():
+    """Raise a clear error under torch.func transforms (vmap, grad, jacrev, ...)."""
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "a reversible chain cannot run under torch.func transforms (vmap, grad, jacrev, ...): its one "
+            "autograd node computes its own backward, which they cannot transform. For per-sample gradients, "
+            "run the eager twin: set reversible=False on the chain (the same modules and parameters).")
+
+
+@torch.no_grad()
+def invert_chain(blocks, y, kwargs=None):
+    """Rebuild a chain's input from its output ``y`` (``y`` itself is not modified), passing F
+    and G the side inputs ``kwargs`` of the forward call.
 
     Buffers such as BatchNorm running statistics are left untouched. F and G are called
     as they are: use eval mode if they draw random numbers (dropout), or the rebuilt input
     will differ.
     """
     check_chain_input(blocks, y)
+    side = side_inputs(blocks, kwargs)
+    if not blocks:
+        return y
     stream = to_stream(y, blocks[0].dim)
-    for block in reversed(blocks):
-        block.inverse_inplace(stream, run_side_effect_free)
+    for i, block in reversed(list(enumerate(blocks))):
+        block.inverse_inplace(stream, runner(run_side_effect_free, side, i))
     return from_stream(stream, blocks[0].dim)
+
+
+def eager_chain(blocks, x, log_det, kwargs=None):
+    """The same function as :func:`reversible_chain` with plain autograd, keeping every
+    activation (the debugging switch ``reversible=False``)."""
+    check_chain_input(blocks, x)
+    side = side_inputs(blocks, kwargs)
+    ld = new_log_det(blocks, x) if log_det else None
+    for i, block in enumerate(blocks):
+        x = block.eager_forward(x, ld, runner(run_checked, side, i))
+    return (x, ld) if log_det else x

@@ -1,6 +1,10 @@
-"""Exact counts of the memory autograd keeps for backward."""
+"""Memory measures: the exact bytes autograd keeps for backward, and the peak a step adds."""
+import ctypes
+
 import torch
 from torch import nn
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 def saved_activation_bytes(fn, *args, **kwargs):
@@ -17,3 +21,36 @@ def saved_activation_bytes(fn, *args, **kwargs):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn(*args, **kwargs)
     return result, sum(storages.values())
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_memory_bytes(fn, device):
+    """Run ``fn()``; return ``(result, bytes)``, the peak memory it added on ``device``.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated before. CPU (Linux,
+    glibc): the resident set's high-water mark minus the resident set before, after handing
+    the heap's free pages back (``malloc_trim``) and resetting the mark (``/proc/self/clear_refs``);
+    allocations of 64 KiB and more are mapped on their own from the first call on
+    (``mallopt``), so that a freed tensor leaves the resident set and a later peak counts only
+    what is live. Run a warm-up call first: lazy initialisation would count.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - before
+    libc = ctypes.CDLL(None)
+    libc.mallopt(M_MMAP_THRESHOLD, 65536)
+    libc.malloc_trim(0)
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    result = fn()
+    return result, (_status_kib("VmHWM") - before) * 1024

@@ -12,6 +12,11 @@ import contextlib
 import torch
 
 
+def autocast_enabled(device_type):
+    """Whether autocast is on for ``device_type`` (never for a type autocast does not know: meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def check_output(name, out, x):
     """Raise a ValueError unless ``out = name(x)`` has x's shape, device and dtype.
 
@@ -25,7 +30,7 @@ def check_output(name, out, x):
                          f"of its input half (a coupling function must preserve shape)")
     if out.device != x.device:
         raise ValueError(f"{name} returned a tensor on {out.device}; expected {x.device}, its input's device")
-    autocast = torch.is_autocast_enabled(x.device.type) and out.is_floating_point()
+    autocast = autocast_enabled(x.device.type) and out.is_floating_point()
     if out.dtype != x.dtype and not autocast:
         raise ValueError(f"{name} returned dtype {out.dtype}; expected {x.dtype}, its input's dtype "
                          f"(cast inside F/G, or use torch.autocast to compute in lower precision)")
@@ -44,26 +49,51 @@ def buffers_kept(module):
                 b.copy_(s)
 
 
-def run_checked(name, module, x):
-    """``module(x)`` with its output checked: the forward of a chain that keeps no state."""
-    out = module(x)
+def run_checked(name, module, x, kwargs):
+    """``module(x, **kwargs)`` with its output checked: the forward of a chain that keeps no
+    state, and of its eager twin."""
+    out = module(x, **kwargs)
     check_output(name, out, x)
     return out
 
 
-def run_side_effect_free(name, module, x):
-    """``module(x)`` leaving its buffers untouched: the explicit ``inverse`` of a chain."""
+def run_side_effect_free(name, module, x, kwargs):
+    """``module(x, **kwargs)`` leaving its buffers untouched: the explicit ``inverse`` of a chain."""
     with buffers_kept(module):
-        return run_checked(name, module, x)
+        return run_checked(name, module, x, kwargs)
 
 
-def _call_with(module, params, x):
-    """``module(x)`` with the parameters ``params`` (by name): a plain call when they are the
-    module's own, as they almost always are, else ``torch.func.functional_call``."""
+def _call_with(module, params, x, kwargs):
+    """``module(x, **kwargs)`` with the parameters ``params`` (by name): a plain call when they
+    are the module's own, as they almost always are, else ``torch.func.functional_call``."""
     own = dict(module.named_parameters())
     if own.keys() == params.keys() and all(own[k] is p for k, p in params.items()):
-        return module(x)
-    return torch.func.functional_call(module, params, (x,), strict=False)
+        return module(x, **kwargs)
+    return torch.func.functional_call(module, params, (x,), kwargs, strict=False)
+
+
+def check_reads(out, inputs, name, module):
+    """Raise a RuntimeError if ``out``'s graph reaches a tensor that requires grad other than
+    through ``inputs`` (the recompute's input, parameters and side inputs): a tensor F or G
+    read from an attribute, a closure or a module that is not theirs, whose gradient the
+    recompute would silently drop. Walks the graph back to its leaves, stopping at ``inputs``."""
+    allowed = {id(t) for t in inputs}
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
+        if leaf is None:
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        elif id(leaf) not in allowed:
+            what = "a parameter" if isinstance(leaf, torch.nn.Parameter) else "a leaf tensor"
+            raise RuntimeError(
+                f"{name} ({type(module).__name__}) reads a tensor that requires grad but is neither its input, one "
+                f"of its parameters nor a side input (its graph reaches {what} of shape {tuple(leaf.shape)} that "
+                f"is none of these): the backward recompute would drop its gradient. Pass the tensor to the chain "
+                f"as a keyword argument (chain(x, name=tensor)) and take it as a keyword argument of {name}'s forward")
 
 
 class Recorder:
@@ -79,28 +109,28 @@ class Recorder:
     def __init__(self, device, preserve_rng_state=True):
         self.device = device
         self.preserve_rng_state = preserve_rng_state
-        device_types = {"cpu", device.type}
+        device_types = {t for t in ("cpu", device.type) if torch.amp.is_autocast_available(t)}
         self.autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in device_types}
         self.autocast_cache = torch.is_autocast_cache_enabled()
-        self.calls = []  # (parameters by name, RNG state or None) per forward call
+        self.calls = []  # (name, parameters by name, RNG state or None) per forward call
         self.rng_state = self._rng_state() if preserve_rng_state else None  # where the next call starts
 
     def _rng_state(self):
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return torch.get_rng_state(), cuda
 
-    def forward(self, name, module, x):
-        """``module(x)`` in the chain's forward, recorded for its recompute.
+    def forward(self, name, module, x, kwargs):
+        """``module(x, **kwargs)`` in the chain's forward, recorded for its recompute.
 
         The RNG state is read once per call: the state a call ends with is the next call's
         start, and it is kept only for a call that changed it (drew random numbers)."""
-        out = run_checked(name, module, x)
+        out = run_checked(name, module, x, kwargs)
         start = None
         if self.preserve_rng_state:
             after = self._rng_state()
             if not all(a is None or torch.equal(a, b) for a, b in zip(after, self.rng_state)):
                 start, self.rng_state = self.rng_state, after
-        self.calls.append((dict(module.named_parameters()), start))
+        self.calls.append((name, dict(module.named_parameters()), start))
         return out
 
     def _replayed(self, rng_state):
@@ -108,7 +138,7 @@ class Recorder:
         a no-op when there is neither (deterministic F and G, autocast off throughout)."""
         autocasts = [torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=self.autocast_cache)
                      for device_type, (enabled, dtype) in self.autocast.items()
-                     if enabled or torch.is_autocast_enabled(device_type)]
+                     if enabled or autocast_enabled(device_type)]
         if rng_state is None and not autocasts:
             return contextlib.nullcontext()
         return self._replaying(rng_state, autocasts)
@@ -126,31 +156,43 @@ class Recorder:
                 stack.enter_context(autocast)
             yield
 
-    def replay_reversed(self):
-        """A ``vjp(module, x, grad)`` for one backward: it replays the forward's calls from
-        the last to the first (a retained graph replays them again on its next backward)."""
+    def replay_reversed(self, side):
+        """``(vjp, side_grads)`` for one backward: ``vjp(module, x, grad)`` replays the forward's
+        calls from the last to the first (a retained graph replays them again on its next
+        backward) with the side inputs ``side``, whose tensors that require grad are this
+        backward's leaves; ``side_grads`` sums their gradients over the calls, one entry per
+        tensor of ``side`` (None where none flowed)."""
         calls = reversed(self.calls)
+        side_grads = [None] * len(side.tensors)
 
         def vjp(module, x, grad):
-            return self._vjp(module, x, grad, *next(calls))
+            return self._vjp(module, x, grad, side, side_grads, *next(calls))
 
-        return vjp
+        return vjp, side_grads
 
-    def _vjp(self, module, x, grad, params, rng_state):
-        """Recompute ``out = module(x)`` as in forward and pull ``grad`` back through it.
+    def _vjp(self, module, x, grad, side, side_grads, name, params, rng_state):
+        """Recompute ``out = module(x, **side inputs)`` as in forward and pull ``grad`` back through it.
 
-        Returns ``(out, dL/dx, [(param, dL/dparam), ...])`` with ``out`` detached; a gradient
-        is None where ``out`` does not depend on that input. ``grad`` may be a function of the
-        detached ``out`` that returns the gradient (an affine coupling's scale needs ``out``).
+        Returns ``(out, dL/dx, [(param, dL/dparam), ...])`` with ``out`` detached, and adds the
+        side inputs' gradients to ``side_grads``; a gradient is None where ``out`` does not depend
+        on that input. ``grad`` may be a function of the detached ``out`` that returns the
+        gradient (an affine coupling's scale needs ``out``). Raises a RuntimeError if ``out``
+        depends on a tensor that requires grad and is none of these inputs (:func:`check_reads`).
         """
         leaf = x.detach().requires_grad_()
         trainable = [p for p in params.values() if p.requires_grad]
+        wanted = [i for i, t in enumerate(side.tensors) if t.requires_grad]
+        inputs = [leaf, *trainable, *(side.tensors[i] for i in wanted)]
         with buffers_kept(module):  # restored after the vjp: BatchNorm saves them for backward
             with torch.enable_grad(), self._replayed(rng_state):
-                out = _call_with(module, params, leaf)
+                out = _call_with(module, params, leaf, side.for_module(module))
             if callable(grad):
                 grad = grad(out.detach())
             if not out.requires_grad:
                 return out.detach(), None, []
-            grads = torch.autograd.grad(out, [leaf, *trainable], grad.to(out.dtype), allow_unused=True)
-        return out.detach(), grads[0], list(zip(trainable, grads[1:]))
+            check_reads(out, inputs, name, module)
+            grads = torch.autograd.grad(out, inputs, grad.to(out.dtype), allow_unused=True)
+        for i, g in zip(wanted, grads[1 + len(trainable):]):
+            if g is not None:
+                side_grads[i] = g if side_grads[i] is None else side_grads[i] + g
+        return out.detach(), grads[0], list(zip(trainable, grads[1:1 + len(trainable)]))

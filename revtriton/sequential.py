@@ -1,7 +1,9 @@
 """ReversibleSequential: a chain of reversible blocks run as one autograd node."""
+from collections import OrderedDict
+
 from torch import nn
 
-from .function import invert_chain, new_log_det, reversible_chain
+from .function import eager_chain, invert_chain, reversible_chain
 
 
 class ReversibleSequential(nn.Sequential):
@@ -21,6 +23,17 @@ class ReversibleSequential(nn.Sequential):
             sample (dim 0 indexes samples) with its gradient, for normalizing flows: 0 for
             additive blocks. Float32 for float16/bfloat16 inputs.
 
+    Side inputs: ``chain(x, **kwargs)`` passes each F and G the keyword arguments its forward
+    names after its input (all of them if it takes ``**kwargs``); a keyword that none takes is
+    a TypeError. Values may be tensors, tuples or lists of tensors, or anything else (passed as
+    it is). Every tensor that requires grad gets its gradient, summed over the F and G calls
+    that read it, through the chain's one autograd node, which keeps them once, by reference;
+    modifying one in place before backward raises autograd's error. F and G must read every
+    other tensor that requires grad as their input or a parameter of theirs: backward raises a
+    RuntimeError naming the block and module that read one any other way (an attribute, a
+    closure, another module's parameter), whose gradient would be lost. ``inverse(y, **kwargs)``
+    takes the side inputs of the forward call.
+
     Neither the caller's input nor the chain's output is modified: backward rebuilds the
     inputs in a copy of the output (one activation-sized buffer, whatever the depth), so
     ``inverse(y)`` still works after ``backward()``; the output's own storage is freed once
@@ -29,23 +42,69 @@ class ReversibleSequential(nn.Sequential):
     """
 
     def __init__(self, *blocks, preserve_rng_state=True, reversible=True, log_det=False):
-        for i, block in enumerate(blocks):
-            if not callable(getattr(block, "backward_inplace", None)):
-                raise TypeError(f"blocks[{i}] is {type(block).__name__}; expected a reversible block "
-                                f"such as revtriton.ReversibleBlock")
-        super().__init__(*blocks)
         self.preserve_rng_state = preserve_rng_state
         self.reversible = reversible
         self.log_det = log_det
+        super().__init__(*blocks)  # through add_module, which checks each block
 
-    def forward(self, x):
+    def _settings(self):
+        return dict(preserve_rng_state=self.preserve_rng_state, reversible=self.reversible, log_det=self.log_det)
+
+    def add_module(self, name, module):
+        """Register ``module`` as the block ``name``: a TypeError unless it is a reversible block
+        (the constructor, ``append``, ``+=`` and ``*=`` come here)."""
+        _check_block(name, module)
+        super().add_module(name, module)
+
+    def extend(self, blocks):
+        blocks = list(blocks)
+        for i, block in enumerate(blocks):  # all of them before any is added
+            _check_block(len(self) + i, block)
+        return super().extend(blocks)
+
+    def insert(self, index, module):
+        _check_block(index, module)
+        return super().insert(index, module)
+
+    def __setitem__(self, idx, module):
+        _check_block(idx, module)
+        super().__setitem__(idx, module)
+
+    def __getitem__(self, idx):
+        """A block, or for a slice a chain of those blocks (their names and this chain's settings)."""
+        if isinstance(idx, slice):
+            return ReversibleSequential(OrderedDict(list(self._modules.items())[idx]), **self._settings())
+        return super().__getitem__(idx)
+
+    def __add__(self, other):
+        """The blocks of this chain, then those of ``other``: a chain with the settings both share."""
+        if not isinstance(other, ReversibleSequential):
+            raise TypeError(f"a ReversibleSequential adds another ReversibleSequential; got {type(other).__name__}")
+        if other._settings() != self._settings():
+            raise ValueError(f"the chains' settings differ ({self._settings()} and {other._settings()}); "
+                             f"expected equal settings")
+        return ReversibleSequential(*self, *other, **self._settings())
+
+    def __mul__(self, times):
+        """The blocks repeated ``times`` times (the same modules: shared weights), as a chain."""
+        return ReversibleSequential(*super().__mul__(times), **self._settings())
+
+    __rmul__ = __mul__
+
+    def forward(self, x, **kwargs):
+        """``y`` (and the log-determinant with ``log_det=True``) of the blocks applied in turn to
+        ``x``, passing F and G the side inputs ``kwargs``; an empty chain is the identity."""
         if not self.reversible:
-            log_det = new_log_det(tuple(self), x) if self.log_det else None
-            for block in self:
-                x = block.eager_forward(x, log_det)
-            return (x, log_det) if self.log_det else x
-        return reversible_chain(tuple(self), x, self.preserve_rng_state, self.log_det)
+            return eager_chain(tuple(self), x, self.log_det, kwargs)
+        return reversible_chain(tuple(self), x, self.preserve_rng_state, self.log_det, kwargs)
 
-    def inverse(self, y):
-        """Rebuild the chain's input from its output ``y`` (no gradient; ``y`` is kept)."""
-        return invert_chain(tuple(self), y)
+    def inverse(self, y, **kwargs):
+        """Rebuild the chain's input from its output ``y`` (no gradient; ``y`` is kept), given the
+        side inputs of the forward call."""
+        return invert_chain(tuple(self), y, kwargs)
+
+
+def _check_block(where, module):
+    if not callable(getattr(module, "backward_inplace", None)):
+        raise TypeError(f"blocks[{where}] is {type(module).__name__}; expected a reversible block such as "
+                        f"revtriton.ReversibleBlock")

@@ -14,8 +14,9 @@ import torch.distributed as dist
 from torch import nn
 
 import revtriton as rt
+from revtriton.models import EncoderDecoder
 
-BATCH, FEATURES, CLASSES = 4, 8, 3
+BATCH, FEATURES, CLASSES, TOKENS = 4, 8, 3, 5
 
 
 def unit(d):
@@ -41,12 +42,38 @@ class Model(nn.Module):
         self.head = nn.Linear(FEATURES, CLASSES)
         self.unused = nn.Linear(2, 2) if unused else None
 
+    input_shape = (6,)
+
     def forward(self, x):
         return self.head(self.chain(self.stem(x)))
 
 
-def batch():
-    return torch.randn(BATCH, 6, generator=torch.Generator().manual_seed(1))
+class Seq2Seq(nn.Module):
+    """A reversible encoder-decoder on (batch, tokens, 6): the decoder reads the encoder's output as
+    a side input, so the encoder's gradients come through the decoder chain's backward. Tokens
+    whose first feature exceeds 1 are padding (never the first or the last)."""
+
+    input_shape = (TOKENS, 6)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.src, self.tgt = nn.Linear(6, FEATURES), nn.Linear(6, FEATURES)
+        self.model = EncoderDecoder(FEATURES, 2, 2)
+        self.head = nn.Linear(FEATURES, CLASSES)
+
+    def forward(self, x):
+        pad = x[..., 0] > 1
+        pad[:, 0] = pad[:, -1] = False
+        return self.head(self.model(self.src(x), self.tgt(x.flip(1)), pad, pad.flip(1)).mean(1))
+
+
+def make_model(seq2seq=False, **kwargs):
+    return Seq2Seq() if seq2seq else Model(**kwargs)
+
+
+def batch(model):
+    return torch.randn(BATCH, *model.input_shape, generator=torch.Generator().manual_seed(1))
 
 
 def loss_fn(y):
@@ -58,8 +85,8 @@ def loss_fn(y):
 
 def reference(**model_kwargs):
     """Parameter gradients of one process on the whole batch, by name."""
-    model = Model(**model_kwargs)
-    loss_fn(model(batch())).backward()
+    model = make_model(**model_kwargs)
+    loss_fn(model(batch(model))).backward()
     return {name: p.grad for name, p in model.named_parameters()}
 
 
@@ -111,6 +138,7 @@ def _fsdp(units):
 SCENARIOS = {  # name: (wrapper, Model's keyword arguments)
     "ddp": (_ddp(), {}),
     "ddp_find_unused": (_ddp(find_unused_parameters=True), {"unused": True}),
+    "ddp_encoder_decoder": (_ddp(), {"seq2seq": True}),
     "fsdp2_root": (_fsdp(lambda m: []), {}),
     "fsdp2_chain": (_fsdp(lambda m: [m.chain]), {}),
     "fsdp2_per_block": (_fsdp(lambda m: list(m.chain)), {"shared": False}),
@@ -121,8 +149,8 @@ SCENARIOS = {  # name: (wrapper, Model's keyword arguments)
 
 def run_scenario(name, rank, world):
     wrap, model_kwargs = SCENARIOS[name]
-    wrapped, model = wrap(Model(**model_kwargs))
-    x = batch().chunk(world)[rank]
+    wrapped, model = wrap(make_model(**model_kwargs))
+    x = batch(model).chunk(world)[rank]
     params = list(model.named_parameters())
     # a second step fails under DDP if its reduction after the first did not finish
     steps = [_step(wrapped, x, params) for _ in range(2)]

@@ -34,12 +34,22 @@ def test_tiny_suite_writes_every_field_finite_and_positive(tmp_path):
     data = json.loads(result.read_text())
     assert {"device", "date", "memory_method", "preset", "torch"} <= data["meta"].keys()
     assert {(r["workload"], r["method"]) for r in data["rows"]} >= {
-        ("chain depth 2", "eager"), ("chain depth 4", "checkpoint"), ("transformer 2x32", "revtriton")}
+        ("chain depth 2", "eager"), ("chain depth 4", "checkpoint"), ("transformer 2x32", "revtriton"),
+        ("encoder-decoder 2x32", "checkpoint"), ("encoder-decoder 2x32", "revtriton")}
     for row in data["rows"]:
         assert "error" not in row, row
-        for field in ("peak_bytes", "step_seconds", "peak_ratio", "time_ratio"):
+        fields = ("peak_bytes", "step_seconds", "peak_ratio", "time_ratio")
+        for field in fields + (("check_seconds",) if row["method"] == "revtriton" else ()):
             assert math.isfinite(row[field]) and row[field] > 0, (row["workload"], row["method"], field)
-    assert (tmp_path / result.name.replace(".json", ".md")).read_text().count("|") > 20
+        assert row["method"] == "revtriton" or "check_seconds" not in row
+    markdown = (tmp_path / result.name.replace(".json", ".md")).read_text()
+    assert markdown.count("|") > 20 and "- encoder-decoder 2x32: " in markdown  # the read check's time
+    # inference: eager, reversible and compiled whole, for the chain and the transformer
+    assert {(r["workload"], r["method"]) for r in data["inference"]} == {
+        (w, m) for w in ("chain depth 4", "transformer 2x32") for m in ("eager", "revtriton", "compiled")}
+    for row in data["inference"]:
+        assert math.isfinite(row["forward_seconds"]) and row["forward_seconds"] > 0 and row["time_ratio"] > 0, row
+    assert "| transformer 2x32 | compiled |" in markdown
 
 
 def test_missing_peer_is_reported_in_its_row_and_the_others_still_run(monkeypatch):
@@ -216,10 +226,10 @@ def test_build_only_names_every_failure_and_exits_non_zero_after_trying_all(monk
 
     monkeypatch.setattr(suite, "by_method", by_method)
     monkeypatch.setattr(suite, "build_reversible", build_reversible)
-    with pytest.raises(SystemExit, match=r"5 \(workload, method\) failed to build"):
+    with pytest.raises(SystemExit, match=r"6 \(workload, method\) failed to build"):
         cli.main(["--preset", "tiny", "--build-only"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 13
+    assert len(lines) == 16
     assert "chain depth 4  checkpoint: FAILED RuntimeError: no checkpoint today" in lines
     assert "transformer 2x32  eager: FAILED out of memory: CPU out of memory" in lines
     assert any(line.startswith("chain depth 4  revtriton: ") and "parameters" in line for line in lines)

@@ -74,15 +74,24 @@ def test_the_model_shares_a_parameter_between_two_blocks():
     """The premise of the readiness checks below (and a check that the batch is split)."""
     model = worker.Model()
     assert model.chain[2].g is model.chain[0].f
-    assert worker.batch().shape[0] % WORLD == 0
+    assert worker.batch(model).shape[0] % WORLD == 0
 
 
-@pytest.mark.parametrize("scenario", ["ddp", "ddp_find_unused"])
+def test_every_encoder_decoder_parameter_gets_a_gradient():
+    """The premise of ddp_encoder_decoder: the encoder learns only through the decoder's side input."""
+    grads = worker.reference(seq2seq=True)
+    assert any(name.startswith("model.encoder.") for name in grads)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("scenario", ["ddp", "ddp_find_unused", "ddp_encoder_decoder"])
 def test_ddp_gradients_equal_one_process_on_the_whole_batch(runs, scenario):
+    """ddp_encoder_decoder: the encoder's output is a side input of the decoder chain, through
+    which every encoder parameter gets its gradient, ready once per backward."""
     assert_grads_equal_single_process(runs, scenario)
 
 
-@pytest.mark.parametrize("scenario", ["ddp", "ddp_find_unused"])
+@pytest.mark.parametrize("scenario", ["ddp", "ddp_find_unused", "ddp_encoder_decoder"])
 def test_ddp_sees_each_parameter_ready_once_per_backward(runs, scenario):
     """The chain returns every parameter gradient from its one autograd node, so autograd
     accumulates into each parameter (DDP's readiness signal) once per backward, for the shared

@@ -101,13 +101,14 @@ def test_reversible_models_equal_their_eager_twins(make, shape):
         assert rel_err(p.grad, q.grad) <= 1e-4, name
 
 
-def test_transformer_is_causal_and_validates_its_width():
+def test_transformer_is_causal_when_asked_and_validates_its_width():
     model = models.reversible_transformer(16, 2, 2).eval()
     x = torch.randn(1, 6, 16)
     x_later = x.clone()
-    x_later[:, 4:] += 1
+    x_later[:, 4:] = torch.randn(1, 2, 16)  # not a constant shift, which LayerNorm would hide
     with torch.no_grad():
-        torch.testing.assert_close(model(x)[:, :4], model(x_later)[:, :4])
+        torch.testing.assert_close(model(x, causal=True)[:, :4], model(x_later, causal=True)[:, :4])
+        assert not torch.allclose(model(x)[:, :4], model(x_later)[:, :4])
     with pytest.raises(ValueError, match="width=15 must be even"):
         models.reversible_transformer(15, 2, 3)
     with pytest.raises(ValueError, match="width=8 is not divisible by heads=3"):

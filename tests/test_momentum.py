@@ -124,17 +124,29 @@ def test_inverse_is_exact_up_to_rounding_at_depth_16():
     assert_inverse_is_exact(_momentum_chain(16), torch.randn(3, 2, 8))  # rounding grows like 0.9**-16 = 5.4
 
 
+class _Bias(nn.Module):
+    """F(x) = a learned bias, whatever x is."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return self.bias.expand_as(x)
+
+
 def test_f_that_ignores_x_gets_no_input_gradient_and_the_block_still_differentiates():
-    bias = nn.Parameter(torch.randn(3))
-    chain = rt.ReversibleSequential(rt.MomentumBlock(lambda x: bias.expand_as(x), dim=-1))
+    f = _Bias(3)
+    chain = rt.ReversibleSequential(rt.MomentumBlock(f, dim=-1))
     x = torch.randn(2, 6, requires_grad=True)
     loss_of(chain(x)).backward()
     eager_x = x.detach().clone().requires_grad_()
-    eager_bias = bias.detach().clone().requires_grad_()
+    eager_bias = f.bias.detach().clone().requires_grad_()
     x1, v = eager_x.chunk(2, dim=-1)
     v = 0.9 * v + 0.1 * eager_bias.expand_as(x1)
     loss_of(torch.cat([x1 + v, v], dim=-1)).backward()
     assert rel_err(x.grad, eager_x.grad) <= 1e-6
+    assert rel_err(f.bias.grad, eager_bias.grad) <= 1e-6
 
 
 def test_bad_beta_is_refused_with_a_clear_error():

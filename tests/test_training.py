@@ -40,7 +40,7 @@ def test_dropout_masks_replay_in_the_recompute(device):
     torch.manual_seed(7)
     y_twin = eager(x_twin)
     torch.testing.assert_close(y, y_twin)
-    states = [state for _, state in y.grad_fn.recorder.calls]  # (CPU state, CUDA state or None) per call
+    states = [state for *_, state in y.grad_fn.recorder.calls]  # (CPU state, CUDA state or None) per call
     assert len(states) == 8 and all(s is not None and (s[1] is not None) == (device == "cuda") for s in states)
     loss_of(y).backward()
     loss_of(y_twin).backward()
@@ -66,7 +66,7 @@ def test_without_rng_preservation_dropout_gradients_differ(device):
 def test_deterministic_f_and_g_record_no_rng_state(device):
     chain = conv_chain(3, device=device)
     y = chain(randn(2, 4, 5, 5, device=device, requires_grad=True))
-    assert [state for _, state in y.grad_fn.recorder.calls] == [None] * 6
+    assert [state for *_, state in y.grad_fn.recorder.calls] == [None] * 6
 
 
 @pytest.mark.parametrize("device", DEVICES)
