@@ -4,6 +4,7 @@ import importlib.util
 import pathlib
 
 import pytest
+import torch
 
 
 def load(name):
@@ -45,3 +46,16 @@ def test_the_reversal_batches_are_reversed_sources_behind_bos():
         assert t[:n].tolist() == s[:n].flip(0).tolist() and (t[n:] == example.PAD).all()
         assert i[0] == example.BOS and i[1:].tolist() == t[:-1].tolist()
 
+
+def test_the_conditional_flow_learns_each_class(capsys):
+    example = load("conditional_flow_2d")
+    flow, history, memory = example.fit(steps=150, batch=256, depth=4, every=50, memory_batch=4096)
+    assert sum(history[-10:]) / 10 < history[0] - 1.0
+    assert_leaner_than_eager(memory)
+    assert "negative log-likelihood" in capsys.readouterr().out
+    # by mean point and mean |x|, the samples of each label are at least twice as near to the data
+    # of its own class as to that of any other class
+    data = torch.tensor([example.statistics(example.sample(torch.full((2000,), c))) for c in range(3)])
+    for c, x in enumerate(example.samples_per_class(flow, 2000)):
+        distances = (data - torch.tensor(example.statistics(x))).norm(dim=1)
+        assert 2 * distances[c] < torch.cat([distances[:c], distances[c + 1:]]).min(), (c, distances)
