@@ -110,7 +110,7 @@ if __name__ == "__main__":
     print("one training step (forward and backward) on 8192 points:")
     for name, (peak, saved) in memory.items():
         print(f"{name:>12}: peak {peak / 2**20:5.1f} MiB, activations saved for backward {saved / 2**20:5.2f} MiB")
-    print("2000 samples per class: mean point and mean |x| (of 2000 data points of the class)")
+    print("per class, 2000 samples against 2000 data points: mean point, mean |x|")
     for c, (name, x) in enumerate(zip(CLASSES, samples_per_class(flow, 2000))):
         (m1, m2, radius), (d1, d2, data_radius) = statistics(x), statistics(sample(torch.full((2000,), c)))
-        print(f"{name:>8}: ({m1:5.2f}, {m2:5.2f}) ({d1:5.2f}, {d2:5.2f})   |x| {radius:4.2f} ({data_radius:4.2f})")
+        print(f"{name:>8}: samples ({m1:5.2f}, {m2:5.2f}) {radius:4.2f}   data ({d1:5.2f}, {d2:5.2f}) {data_radius:4.2f}")
