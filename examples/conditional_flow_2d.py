@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import revtriton as rt
-from revtriton.memory import peak_memory_bytes
+
+from step_memory import against_eager, print_memory  # examples/step_memory.py
 
 CLASSES = ("ring", "banana", "blob")
 
@@ -53,22 +54,6 @@ def nll_of(flow, x, label):
     return (0.5 * z.pow(2).sum(1) + math.log(2 * math.pi) - log_det).mean()
 
 
-def memory_of_a_step(flow, x, label):
-    """``(peak bytes, saved bytes)`` of one forward and backward of ``flow``: the peak it adds
-    to the process and the activations autograd keeps for backward."""
-    def step():
-        nll, saved = rt.saved_activation_bytes(nll_of, flow, x, label)
-        nll.backward()
-        flow.zero_grad(set_to_none=True)
-        return saved
-
-    # warm up through the measure itself: its allocator settings must hold when the step first
-    # allocates, or memory the step frees stays resident and the peak is overstated
-    peak_memory_bytes(step, "cpu")
-    saved, peak = peak_memory_bytes(step, "cpu")
-    return peak, saved
-
-
 def fit(steps=500, batch=512, depth=8, every=100, memory_batch=8192):
     """Train a conditional flow of ``depth`` affine blocks; return it, the NLL per step and
     ``{"reversible": (peak, saved), "eager": (peak, saved)}``: the bytes of one forward and
@@ -89,8 +74,7 @@ def fit(steps=500, batch=512, depth=8, every=100, memory_batch=8192):
     eager = flow_of(depth, reversible=False)
     eager.load_state_dict(flow.state_dict())
     label = torch.randint(len(CLASSES), (memory_batch,))
-    x = sample(label)
-    memory = {"reversible": memory_of_a_step(flow, x, label), "eager": memory_of_a_step(eager, x, label)}
+    memory = against_eager(nll_of, flow, eager, sample(label), label)
     return flow, history, memory
 
 
@@ -107,9 +91,7 @@ def statistics(x):
 
 if __name__ == "__main__":
     flow, _, memory = fit()
-    print("one training step (forward and backward) on 8192 points:")
-    for name, (peak, saved) in memory.items():
-        print(f"{name:>12}: peak {peak / 2**20:5.1f} MiB, activations saved for backward {saved / 2**20:5.2f} MiB")
+    print_memory(memory, "8192 points")
     print("per class, 2000 samples against 2000 data points: mean point, mean |x|")
     for c, (name, x) in enumerate(zip(CLASSES, samples_per_class(flow, 2000))):
         (m1, m2, radius), (d1, d2, data_radius) = statistics(x), statistics(sample(torch.full((2000,), c)))

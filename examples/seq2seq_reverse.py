@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import revtriton as rt
 from revtriton import models
-from revtriton.memory import peak_memory_bytes
+
+from step_memory import against_eager, print_memory  # examples/step_memory.py
 
 PAD, BOS, SYMBOLS = 0, 1, 10  # symbols are the tokens 2 .. 2 + SYMBOLS - 1
 VOCAB = 2 + SYMBOLS
@@ -66,22 +66,6 @@ def accuracy(model, src, tgt_in, tgt):
     return (predicted == tgt)[real].float().mean().item()
 
 
-def memory_of_a_step(model, data):
-    """``(peak bytes, saved bytes)`` of one forward and backward of ``model`` on ``data``: the
-    peak it adds to the process (after a warm-up step) and the activations autograd keeps."""
-    def step():
-        loss, saved = rt.saved_activation_bytes(loss_of, model, *data)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return saved
-
-    # warm up through the measure itself: its allocator settings must hold when the step first
-    # allocates, or memory the step frees stays resident and the peak is overstated
-    peak_memory_bytes(step, "cpu")
-    saved, peak = peak_memory_bytes(step, "cpu")
-    return peak, saved
-
-
 def fit(steps=300, batch_size=64, tokens=12, width=64, depth=4, heads=4, every=100, lr=3e-3, memory_batch=256):
     """Train a reversible reverser; return it, the loss per step, its token accuracy on fresh
     sequences and ``{"reversible": (peak, saved), "eager": (peak, saved)}``: the bytes of one
@@ -100,14 +84,11 @@ def fit(steps=300, batch_size=64, tokens=12, width=64, depth=4, heads=4, every=1
             print(f"step {step:4d}   cross-entropy {loss.item():.3f}")
     eager = Reverser(width, depth, heads, tokens, reversible=False)
     eager.load_state_dict(model.state_dict())
-    data = batch(memory_batch, tokens)
-    memory = {"reversible": memory_of_a_step(model, data), "eager": memory_of_a_step(eager, data)}
+    memory = against_eager(loss_of, model, eager, *batch(memory_batch, tokens))
     return model, history, accuracy(model.eval(), *batch(1000, tokens)), memory
 
 
 if __name__ == "__main__":
     _, _, acc, memory = fit()
     print(f"token accuracy on 1000 fresh sequences: {acc:.3f}")
-    print("one training step (forward and backward) on 256 sequences:")
-    for name, (peak, saved) in memory.items():
-        print(f"{name:>12}: peak {peak / 2**20:5.1f} MiB, activations saved for backward {saved / 2**20:5.2f} MiB")
+    print_memory(memory, "256 sequences")

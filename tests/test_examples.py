@@ -6,18 +6,21 @@ import pathlib
 import pytest
 import torch
 
+EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
+
 
 def load(name):
-    path = pathlib.Path(__file__).parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     return example
 
 
 @pytest.fixture(autouse=True)
-def _plain_cpu_ops(monkeypatch):
-    """The coupling ops' PyTorch path: the interpreter would make training runs slow."""
+def _as_run_from_examples(monkeypatch):
+    """Import as ``python examples/NAME.py`` does (its folder first on sys.path, for
+    step_memory), with the coupling ops' PyTorch path: the interpreter would make training slow."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
