@@ -62,9 +62,7 @@ def stepper(workload, method, device):
 
 def peak_bytes(workload, method, device):
     """``{"peak_bytes"}`` of one training step after a warm-up step, measured in this process."""
-    step = stepper(workload, method, device)
-    step()  # warm-up: lazy initialisation, allocator caches
-    return {"peak_bytes": peak_memory_bytes(step, device)[1]}
+    return {"peak_bytes": peak_memory_bytes(stepper(workload, method, device), device)[1]}
 
 
 @contextlib.contextmanager

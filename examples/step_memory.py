@@ -12,9 +12,6 @@ def step_memory(loss_of, model, *inputs):
         model.zero_grad(set_to_none=True)
         return saved
 
-    # warm up through the measure itself: its allocator settings must hold when the step first
-    # allocates, or memory the step frees stays resident and the peak is overstated
-    peak_memory_bytes(step, "cpu")
     saved, peak = peak_memory_bytes(step, "cpu")
     return peak, saved
 

@@ -14,8 +14,6 @@ def test_peak_memory_counts_what_is_live_at_once_not_what_was_ever_allocated():
         tensors = [torch.ones(16 * MIB) for _ in range(3)]
         return sum(t.sum() for t in tensors)
 
-    for fn in (one_at_a_time, all_at_once):  # warm-up
-        fn()
     result, sequential = peak_memory_bytes(one_at_a_time, "cpu")
     _, together = peak_memory_bytes(all_at_once, "cpu")
     assert result == 3 * 16 * MIB
