@@ -246,8 +246,14 @@ def _forward_only(blocks, x, log_det, kwargs, side=None):
 
 
 def is_exporting():
-    """Whether ``torch.export`` is recording the code that runs (torch >= 2.5 can tell)."""
-    return getattr(torch.compiler, "is_exporting", lambda: False)()
+    """Whether ``torch.export`` is recording the code that runs, strict or not.
+
+    Reads the flag that ``torch.compiler.is_exporting()`` returns: torch 2.11's dynamo folds
+    that call to True under torch.compile too, which would send compiled chains down the
+    export path; a read of the flag itself is traced as its value.
+    """
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return getattr(torch.compiler, "is_exporting", lambda: False)() if flag is None else flag
 
 
 def refuse_function_transforms():

@@ -12,11 +12,6 @@ import contextlib
 import torch
 
 
-def autocast_enabled(device_type):
-    """Whether autocast is on for ``device_type`` (never for a type autocast does not know: meta)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
 def check_output(name, out, x):
     """Raise a ValueError unless ``out = name(x)`` has x's shape, device and dtype.
 
@@ -30,7 +25,8 @@ def check_output(name, out, x):
                          f"of its input half (a coupling function must preserve shape)")
     if out.device != x.device:
         raise ValueError(f"{name} returned a tensor on {out.device}; expected {x.device}, its input's device")
-    autocast = autocast_enabled(x.device.type) and out.is_floating_point()
+    # autocast knows no meta device (and torch.compile of torch 2.11 cannot trace is_autocast_available)
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type) and out.is_floating_point()
     if out.dtype != x.dtype and not autocast:
         raise ValueError(f"{name} returned dtype {out.dtype}; expected {x.dtype}, its input's dtype "
                          f"(cast inside F/G, or use torch.autocast to compute in lower precision)")
@@ -138,7 +134,7 @@ class Recorder:
         a no-op when there is neither (deterministic F and G, autocast off throughout)."""
         autocasts = [torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=self.autocast_cache)
                      for device_type, (enabled, dtype) in self.autocast.items()
-                     if enabled or autocast_enabled(device_type)]
+                     if enabled or torch.is_autocast_enabled(device_type)]
         if rng_state is None and not autocasts:
             return contextlib.nullcontext()
         return self._replaying(rng_state, autocasts)

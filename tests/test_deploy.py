@@ -60,9 +60,10 @@ def test_exported_module_equals_the_model_with_grad_enabled_or_not(case):
             _same(exported(*args, **kwargs), expected)
 
 
-def test_the_exported_graph_is_ordinary_ops():
+@pytest.mark.parametrize("strict", [False, True])
+def test_the_exported_graph_is_ordinary_ops(strict):
     model, args, _ = CASES["net"]()
-    graph = torch.export.export(_eval(model), args).graph
+    graph = torch.export.export(_eval(model), args, strict=strict).graph
     assert not [n for n in graph.nodes if "revtriton" in str(n.target)]
 
 
