@@ -16,7 +16,6 @@ import functools
 import weakref
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .replay import Recorder, run_checked, run_side_effect_free
 from .side import NO_SIDE_INPUTS, SideInputs
@@ -161,17 +160,34 @@ class ReversibleChainFunction(torch.autograd.Function):
         y, ld = _run_forward(blocks, x, recorder.forward, log_det, side)
         ctx.blocks, ctx.recorder, ctx.side = blocks, recorder, side.without_tensors()
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
-        ctx.save_for_backward(y, *side_tensors)  # version-checked: modifying them in place raises
+        # version-checked: modifying a side input or a parameter in place before backward raises
+        ctx.save_for_backward(y, *side_tensors, *params)
         ctx.output = weakref.ref(y)
         return (y, ld) if log_det else y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y, grad_log_det=None):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "backward with create_graph=True (double backward: a gradient penalty such as WGAN-GP or R1) "
+                "through a reversible chain is not supported: its backward rebuilds activations in place "
+                "without a graph. Run the eager twin for such a step: set reversible=False on the chain "
+                "(the same modules and parameters)")
+        with torch.no_grad():
+            return ReversibleChainFunction._backward(ctx, grad_y, grad_log_det)
+
+    @staticmethod
+    def _backward(ctx, grad_y, grad_log_det):
+        if getattr(ctx, "freed_in_backward", False):
+            raise RuntimeError(
+                "this reversible chain's backward was interrupted (an exception or KeyboardInterrupt in F or G "
+                "during the recompute) after it had freed its saved output, so it cannot run again: run the "
+                "forward again. (Holding the output, e.g. y = chain(x), keeps it and allows a rerun)")
         dim = ctx.blocks[0].dim
-        y, *side_tensors = ctx.saved_tensors
+        y, *saved = ctx.saved_tensors
+        side_tensors = saved[:len(saved) - len(ctx.param_index)]
         stream = to_stream(y, dim)  # becomes each block's input in turn
-        release_if_unshared(y, ctx.output)
+        ctx.freed_in_backward = release_if_unshared(y, ctx.output)  # until this backward ends
         del y
         grad = to_stream(grad_y, dim)
         param_grads = [None] * len(ctx.param_index)
@@ -185,6 +201,7 @@ class ReversibleChainFunction(torch.autograd.Function):
                     param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
         del stream
         dx = from_stream(grad, dim) if ctx.needs_input_grad[0] else None
+        ctx.freed_in_backward = False  # ended: autograd's own error guards a second backward
         return (dx, None, None, None, None, None, *param_grads, *side_grads)
 
 

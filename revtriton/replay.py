@@ -2,12 +2,16 @@
 
 A chain runs F1, G1, F2, G2, ... in forward and recomputes them in the reverse order in
 backward (Algorithm 1 in DESIGN.md), so the forward pushes one entry per call onto a stack
-and the backward pops them. An entry is the RNG state the call started from, kept only when
-the call drew random numbers (dropout): deterministic F and G cost nothing.
-The recompute also replays the forward's autocast state and leaves the module's buffers
-as the forward left them, so BatchNorm running statistics are updated once, as in eager.
+and the backward pops them. An entry holds what the call saw: its parameters, its buffers as
+it read them (a copy only of those it modified in place: BatchNorm statistics, a spectral
+norm's power iteration, an EMA), its modules' training flags, and the RNG state it started
+from, kept only when the call drew random numbers (dropout): deterministic F and G without
+buffers cost nothing. The recompute also replays the forward's autocast state and leaves the
+module as the forward left it, so BatchNorm running statistics are updated once, as in eager.
+What cannot be replayed is an error: a buffer the forward read, modified in place since.
 """
 import contextlib
+from typing import NamedTuple
 
 import torch
 
@@ -45,10 +49,23 @@ def buffers_kept(module):
                 b.copy_(s)
 
 
+def _version(t):
+    """``t``'s version counter, or None where there is none to read (inference tensors, and
+    tensors that torch.compile traces)."""
+    return None if torch.compiler.is_compiling() or t.is_inference() else t._version
+
+
 def run_checked(name, module, x, kwargs):
     """``module(x, **kwargs)`` with its output checked: the forward of a chain that keeps no
-    state, and of its eager twin."""
+    state, and of its eager twin. A RuntimeError, naming the call, if the module modified its
+    input in place: the input is what a reversible block's inverse rebuilds."""
+    version = _version(x)
     out = module(x, **kwargs)
+    if _version(x) != version:
+        raise RuntimeError(
+            f"{name} ({type(module).__name__}) modified its input in place (an in-place first op such as "
+            f"nn.ReLU(inplace=True)?): a reversible block rebuilds F's and G's inputs from its output, so F and "
+            f"G must leave their input as it is. Use the op's out-of-place form (inplace=False)")
     check_output(name, out, x)
     return out
 
@@ -57,15 +74,6 @@ def run_side_effect_free(name, module, x, kwargs):
     """``module(x, **kwargs)`` leaving its buffers untouched: the explicit ``inverse`` of a chain."""
     with buffers_kept(module):
         return run_checked(name, module, x, kwargs)
-
-
-def _call_with(module, params, x, kwargs):
-    """``module(x, **kwargs)`` with the parameters ``params`` (by name): a plain call when they
-    are the module's own, as they almost always are, else ``torch.func.functional_call``."""
-    own = dict(module.named_parameters())
-    if own.keys() == params.keys() and all(own[k] is p for k, p in params.items()):
-        return module(x, **kwargs)
-    return torch.func.functional_call(module, params, (x,), kwargs, strict=False)
 
 
 def check_reads(out, inputs, name, module):
@@ -89,17 +97,91 @@ def check_reads(out, inputs, name, module):
                 f"{name} ({type(module).__name__}) reads a tensor that requires grad but is neither its input, one "
                 f"of its parameters nor a side input (its graph reaches {what} of shape {tuple(leaf.shape)} that "
                 f"is none of these): the backward recompute would drop its gradient. Pass the tensor to the chain "
-                f"as a keyword argument (chain(x, name=tensor)) and take it as a keyword argument of {name}'s forward")
+                f"as a keyword argument (chain(x, name=tensor)) and take it as a keyword argument of {name}'s "
+                f"forward; a tensor inside an object that torch.utils._pytree does not flatten (a class of "
+                f"your own) is passed as it is: register the class with torch.utils._pytree, or pass the tensor "
+                f"itself")
+
+
+def _unaliased(g, grad):
+    """``g``, or a copy of it if it shares storage with ``grad``: the gradient of an addend is the
+    incoming gradient itself, a view of the chain's gradient stream, which later blocks overwrite."""
+    if g is not None and grad is not None and g.untyped_storage().data_ptr() == grad.untyped_storage().data_ptr():
+        return g.clone()
+    return g
+
+
+class Call(NamedTuple):
+    """What one F/G call of a chain's forward saw, for its recompute: its parameters and buffers
+    (by name, references), the versions its buffers had, copies of those it modified in place
+    (their values before the call), the ``training`` flag of each of its modules, and the RNG
+    state it started from (None unless it drew random numbers)."""
+    name: str
+    params: dict
+    buffers: dict
+    versions: dict
+    before: dict
+    training: tuple
+    rng_state: tuple
+
+
+def _record(name, module, run):
+    """Run ``run()`` (the call of ``module``) and return its :class:`Call` (RNG state None)."""
+    buffers = dict(module.named_buffers())
+    versions = {k: b._version for k, b in buffers.items()}
+    copies = {k: b.clone() for k, b in buffers.items()}
+    out = run()
+    before = {k: copies[k] for k, b in buffers.items() if b._version != versions[k]}
+    call = Call(name, dict(module.named_parameters()), buffers, versions, before,
+                tuple(m.training for m in module.modules()), None)
+    return out, call
+
+
+def _as_the_forward_saw(call, module, params):
+    """The parameters and buffers (by name) that replay ``call`` of ``module``: ``params`` and a
+    copy of each buffer as the call read it, so that the recompute never writes the module's
+    own (BatchNorm updates its running statistics without a version bump) and a second backward
+    replays the same values. A RuntimeError if a buffer was modified in place since by anything
+    but the call itself."""
+    tensors = dict(params)
+    for k, b in call.buffers.items():
+        if k not in call.before and b._version != call.versions[k]:
+            raise RuntimeError(
+                f"{call.name} ({type(module).__name__}): its buffer {k!r}, which the forward read, was modified "
+                f"in place before backward: the recompute cannot see the value the forward read. Modify it "
+                f"after backward (or call the chain again)")
+        tensors[k] = call.before.get(k, b).clone()
+    return tensors
+
+
+@contextlib.contextmanager
+def _training_as(module, flags):
+    """Set the ``training`` flag of each module in ``module`` to ``flags`` (as a forward saw them),
+    then back."""
+    modules = list(module.modules())
+    now = [m.training for m in modules]
+    if tuple(now) == flags:
+        yield
+        return
+    for m, flag in zip(modules, flags):
+        m.training = flag
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, now):
+            m.training = flag
 
 
 class Recorder:
     """Runs a chain's F/G calls in forward and replays them, reversed, in backward.
 
-    Each forward call records the parameters it used (references, not copies) and, when it
-    drew random numbers, the RNG state it started from. The recompute calls the module with
-    exactly those parameters (a plain call when they are still the module's own, else
-    ``torch.func.functional_call``), so gradients reach the tensors the forward used even if
-    the module's parameters were swapped since (torch.func, FSDP).
+    Each forward call records a :class:`Call`: the parameters and buffers it used
+    (references; a copy of a buffer only where the call modified it in place), its modules'
+    training flags and, when it drew random numbers, the RNG state it started from. The
+    recompute calls the module through ``torch.func.functional_call`` with detached aliases of
+    those parameters (so that a hook on a parameter fires once, when the chain hands out its
+    gradient, as in eager) and the buffers as the call read them, in the training mode it ran
+    in; the module itself is left as the forward left it.
     """
 
     def __init__(self, device, preserve_rng_state=True):
@@ -108,7 +190,7 @@ class Recorder:
         device_types = {t for t in ("cpu", device.type) if torch.amp.is_autocast_available(t)}
         self.autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in device_types}
         self.autocast_cache = torch.is_autocast_cache_enabled()
-        self.calls = []  # (name, parameters by name, RNG state or None) per forward call
+        self.calls = []  # a Call per forward call
         self.rng_state = self._rng_state() if preserve_rng_state else None  # where the next call starts
 
     def _rng_state(self):
@@ -120,13 +202,12 @@ class Recorder:
 
         The RNG state is read once per call: the state a call ends with is the next call's
         start, and it is kept only for a call that changed it (drew random numbers)."""
-        out = run_checked(name, module, x, kwargs)
-        start = None
+        out, call = _record(name, module, lambda: run_checked(name, module, x, kwargs))
         if self.preserve_rng_state:
             after = self._rng_state()
             if not all(a is None or torch.equal(a, b) for a, b in zip(after, self.rng_state)):
-                start, self.rng_state = self.rng_state, after
-        self.calls.append((name, dict(module.named_parameters()), start))
+                call, self.rng_state = call._replace(rng_state=self.rng_state), after
+        self.calls.append(call)
         return out
 
     def _replayed(self, rng_state):
@@ -162,33 +243,37 @@ class Recorder:
         side_grads = [None] * len(side.tensors)
 
         def vjp(module, x, grad):
-            return self._vjp(module, x, grad, side, side_grads, *next(calls))
+            return self._vjp(module, x, grad, side, side_grads, next(calls))
 
         return vjp, side_grads
 
-    def _vjp(self, module, x, grad, side, side_grads, name, params, rng_state):
-        """Recompute ``out = module(x, **side inputs)`` as in forward and pull ``grad`` back through it.
+    def _vjp(self, module, x, grad, side, side_grads, call):
+        """Recompute ``out = module(x, **side inputs)`` as ``call`` ran it in forward and pull
+        ``grad`` back through it.
 
         Returns ``(out, dL/dx, [(param, dL/dparam), ...])`` with ``out`` detached, and adds the
         side inputs' gradients to ``side_grads``; a gradient is None where ``out`` does not depend
-        on that input. ``grad`` may be a function of the detached ``out`` that returns the
-        gradient (an affine coupling's scale needs ``out``). Raises a RuntimeError if ``out``
-        depends on a tensor that requires grad and is none of these inputs (:func:`check_reads`).
+        on that input, and never aliases ``grad``. ``grad`` may be a function of the detached
+        ``out`` that returns the gradient (an affine coupling's scale needs ``out``). Raises a
+        RuntimeError if ``out`` depends on a tensor that requires grad and is none of these
+        inputs (:func:`check_reads`).
         """
         leaf = x.detach().requires_grad_()
-        trainable = [p for p in params.values() if p.requires_grad]
+        aliases = {k: p.detach().requires_grad_() if p.requires_grad else p for k, p in call.params.items()}
+        trainable = [(call.params[k], a) for k, a in aliases.items() if a.requires_grad]
         wanted = [i for i, t in enumerate(side.tensors) if t.requires_grad]
-        inputs = [leaf, *trainable, *(side.tensors[i] for i in wanted)]
-        with buffers_kept(module):  # restored after the vjp: BatchNorm saves them for backward
-            with torch.enable_grad(), self._replayed(rng_state):
-                out = _call_with(module, params, leaf, side.for_module(module))
-            if callable(grad):
-                grad = grad(out.detach())
-            if not out.requires_grad:
-                return out.detach(), None, []
-            check_reads(out, inputs, name, module)
-            grads = torch.autograd.grad(out, inputs, grad.to(out.dtype), allow_unused=True)
+        inputs = [leaf, *(a for _, a in trainable), *(side.tensors[i] for i in wanted)]
+        tensors = _as_the_forward_saw(call, module, aliases)
+        with torch.enable_grad(), self._replayed(call.rng_state), _training_as(module, call.training):
+            out = torch.func.functional_call(module, tensors, (leaf,), side.for_module(module), strict=False)
+        if callable(grad):
+            grad = grad(out.detach())
+        if not out.requires_grad:
+            return out.detach(), None, []
+        check_reads(out, inputs, call.name, module)
+        grads = torch.autograd.grad(out, inputs, grad.to(out.dtype), allow_unused=True)
+        grads = [grads[0], *(_unaliased(g, grad) for g in grads[1:])]
         for i, g in zip(wanted, grads[1 + len(trainable):]):
             if g is not None:
                 side_grads[i] = g if side_grads[i] is None else side_grads[i] + g
-        return out.detach(), grads[0], list(zip(trainable, grads[1:1 + len(trainable)]))
+        return out.detach(), grads[0], [(p, g) for (p, _), g in zip(trainable, grads[1:])]

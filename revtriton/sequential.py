@@ -94,6 +94,7 @@ class ReversibleSequential(nn.Sequential):
     def forward(self, x, **kwargs):
         """``y`` (and the log-determinant with ``log_det=True``) of the blocks applied in turn to
         ``x``, passing F and G the side inputs ``kwargs``; an empty chain is the identity."""
+        _check_no_block_hooks(self)
         if not self.reversible:
             return eager_chain(tuple(self), x, self.log_det, kwargs)
         return reversible_chain(tuple(self), x, self.preserve_rng_state, self.log_det, kwargs)
@@ -102,6 +103,25 @@ class ReversibleSequential(nn.Sequential):
         """Rebuild the chain's input from its output ``y`` (no gradient; ``y`` is kept), given the
         side inputs of the forward call."""
         return invert_chain(tuple(self), y, kwargs)
+
+
+_HOOKS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
+          "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}
+
+
+def _check_no_block_hooks(chain):
+    """Refuse module hooks on a block inside ``chain``: the chain runs each block's F and G
+    itself and never calls the block, so such a hook would silently never fire."""
+    from torch.distributed.fsdp import FSDPModule  # refused with its own error by the chain
+
+    for i, block in enumerate(chain):
+        kinds = [kind for attr, kind in _HOOKS.items() if getattr(block, attr, None)]
+        if kinds and not isinstance(block, FSDPModule):
+            raise RuntimeError(
+                f"blocks[{i}] ({type(block).__name__}) has a {kinds[0]}, which never fires inside a "
+                f"ReversibleSequential: the chain runs the block's F and G itself, without calling the block. "
+                f"Register it on the block's F or G (called in forward and again in the backward recompute), "
+                f"or on the chain")
 
 
 def _check_block(where, module):

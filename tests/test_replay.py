@@ -1,0 +1,269 @@
+"""No silent wrong gradient (issue 15): each case a user reached, run as a reversible chain and
+as its eager twin (``reversible=False`` on a deep copy) in float64. Each ends as "equals eager"
+or as an error, raised before anything is corrupted, that names the block."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import revtriton as rt
+from helpers import loss_of, rel_err
+
+@pytest.fixture(autouse=True)
+def _float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def run_both(chain, x, between=None, **side):
+    """``(reversible, eager)``, each ``(output, [input grad, *parameter grads, *side grads], state)``
+    after one step of ``loss_of`` on ``chain`` and on its eager twin; ``between(model)`` runs
+    between forward and backward."""
+    twin = copy.deepcopy(chain)
+    twin.reversible = False
+    results = []
+    for model in (chain, twin):
+        x_ = x.detach().clone().requires_grad_()
+        side_ = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in side.items()}
+        torch.manual_seed(3)
+        y = model(x_, **side_)
+        out = y[0] if isinstance(y, tuple) else y
+        loss = loss_of(out) + (y[1].square().sum() if isinstance(y, tuple) else 0)
+        if between is not None:
+            between(model)
+        loss.backward()
+        grads = [x_.grad, *(p.grad for p in model.parameters()), *(v.grad for v in side_.values())]
+        results.append((out.detach(), grads, {k: v.clone() for k, v in model.state_dict().items()}))
+    return results
+
+
+def assert_equal_to_eager(chain, x, between=None, tol=1e-10, **side):
+    (y, grads, state), (y_twin, grads_twin, state_twin) = run_both(chain, x, between, **side)
+    assert rel_err(y, y_twin) <= tol
+    for i, (g, g_twin) in enumerate(zip(grads, grads_twin)):
+        assert (g is None) == (g_twin is None), i
+        assert g is None or rel_err(g, g_twin) <= tol, (i, rel_err(g, g_twin))
+    for k in state:
+        assert rel_err(state[k].double(), state_twin[k].double()) <= tol, k
+
+
+class AddCond(nn.Module):
+    """``tanh(l(x)) + cond``: an addend of exactly a half's shape (the incoming gradient itself)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+
+    def forward(self, x, cond):
+        return torch.tanh(self.l(x)) + cond
+
+
+class AddPosition(nn.Module):
+    """``tanh(l(x)) + pos`` with a parameter of a half's shape (at batch 1)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.l = nn.Linear(shape[-1], shape[-1])
+        self.pos = nn.Parameter(torch.randn(shape))
+
+    def forward(self, x):
+        return torch.tanh(self.l(x)) + self.pos
+
+
+def tanh_linear(d):
+    return nn.Sequential(nn.Linear(d, d), nn.Tanh())
+
+
+@pytest.mark.parametrize("where", ["f", "g", "both"])
+def test_a_side_input_of_a_halfs_shape_added_in_f_or_g_gets_eagers_gradient(where):
+    f = AddCond(3) if where in ("f", "both") else tanh_linear(3)
+    g = AddCond(3) if where in ("g", "both") else tanh_linear(3)
+    chain = rt.ReversibleSequential(*[rt.ReversibleBlock(copy.deepcopy(f), copy.deepcopy(g), dim=-1)
+                                      for _ in range(3)])
+    assert_equal_to_eager(chain, torch.randn(4, 6), cond=torch.randn(4, 3, requires_grad=True))
+
+
+def test_a_parameter_of_a_halfs_shape_gets_eagers_gradient():
+    chain = rt.ReversibleSequential(*[rt.ReversibleBlock(AddPosition((1, 3)), AddPosition((1, 3)), dim=-1)
+                                      for _ in range(3)])
+    assert_equal_to_eager(chain, torch.randn(1, 6))
+
+
+@pytest.mark.parametrize("log_det", [False, True])
+def test_an_affine_shift_that_adds_a_side_input_gets_eagers_gradient(log_det):
+    chain = rt.ReversibleSequential(*[rt.AffineBlock(tanh_linear(3), AddCond(3), dim=-1, swap=i % 2 == 1)
+                                      for i in range(3)], log_det=log_det)
+    assert_equal_to_eager(chain, torch.randn(4, 6), cond=torch.randn(4, 3, requires_grad=True))
+
+
+def test_a_momentum_f_that_adds_a_side_input_gets_eagers_gradient():
+    chain = rt.ReversibleSequential(*[rt.MomentumBlock(AddCond(3), dim=-1) for _ in range(3)])
+    assert_equal_to_eager(chain, torch.randn(4, 6), cond=torch.randn(4, 3, requires_grad=True))
+
+
+def test_a_gradient_hook_on_a_parameter_fires_once_as_in_eager():
+    chain = rt.ReversibleSequential(*[rt.ReversibleBlock(tanh_linear(3), tanh_linear(3), dim=-1) for _ in range(2)])
+    twin = copy.deepcopy(chain)
+    twin.reversible = False
+    fired = {}
+    for name, model in (("rev", chain), ("eager", twin)):
+        model[0].f[0].weight.register_hook(lambda g, name=name: fired.setdefault(name, []).append(1) or g * 2)
+    x = torch.randn(4, 6)
+    for model in (chain, twin):
+        loss_of(model(x.clone().requires_grad_())).backward()
+    assert fired == {"rev": [1], "eager": [1]}
+    assert rel_err(chain[0].f[0].weight.grad, twin[0].f[0].weight.grad) <= 1e-10
+
+
+class EMANormaliser(nn.Module):
+    """Updates its running mean (in training), then subtracts it: the forward reads the buffer
+    it has just written."""
+
+    def __init__(self, d, momentum=0.5):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(d))
+
+    def forward(self, x):
+        h = self.l(x)
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(self.momentum).add_((1 - self.momentum) * h.mean(0))
+        return torch.tanh(h - self.mean)
+
+
+def old_spectral_norm(d):
+    return nn.Sequential(torch.nn.utils.spectral_norm(nn.Linear(d, d)), nn.Tanh())
+
+
+def new_spectral_norm(d):
+    return nn.Sequential(torch.nn.utils.parametrizations.spectral_norm(nn.Linear(d, d)), nn.Tanh())
+
+
+@pytest.mark.parametrize("make", [EMANormaliser, old_spectral_norm, new_spectral_norm])
+def test_buffers_read_after_their_update_replay_as_the_forward_read_them(make):
+    chain = rt.ReversibleSequential(*[rt.ReversibleBlock(make(3), make(3), dim=-1) for _ in range(3)])
+    assert_equal_to_eager(chain, torch.randn(5, 6))
+
+
+def test_a_module_shared_by_two_blocks_replays_each_calls_buffers():
+    f = EMANormaliser(3)
+    chain = rt.ReversibleSequential(rt.ReversibleBlock(f, tanh_linear(3), dim=-1),
+                                    rt.ReversibleBlock(f, EMANormaliser(3), dim=-1))
+    assert_equal_to_eager(chain, torch.randn(5, 6))
+
+
+def test_create_graph_is_refused_with_a_clear_error():
+    chain = rt.ReversibleSequential(rt.ReversibleBlock(tanh_linear(3), tanh_linear(3), dim=-1))
+    x = torch.randn(4, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"create_graph=True.*reversible=False"):
+        torch.autograd.grad(chain(x).sum(), x, create_graph=True)
+
+
+def test_eval_between_forward_and_backward_replays_the_forwards_training_flags():
+    def unit():
+        return nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 3), nn.Dropout(0.5), nn.Tanh())
+
+    chain = rt.ReversibleSequential(*[rt.ReversibleBlock(unit(), unit(), dim=-1) for _ in range(2)])
+    assert_equal_to_eager(chain, torch.randn(5, 6), between=lambda model: model.eval())
+    assert not chain.training  # the recompute left the flags as the caller set them
+
+
+def test_a_parameter_modified_in_place_before_backward_raises_as_in_eager():
+    chain = rt.ReversibleSequential(rt.ReversibleBlock(tanh_linear(3), tanh_linear(3), dim=-1))
+    y = chain(torch.randn(4, 6, requires_grad=True))
+    with torch.no_grad():
+        chain[0].f[0].weight.mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_a_buffer_the_forward_read_modified_in_place_before_backward_raises():
+    chain = rt.ReversibleSequential(rt.ReversibleBlock(EMANormaliser(3), tanh_linear(3), dim=-1)).eval()
+    y = chain(torch.randn(4, 6, requires_grad=True))
+    chain[0].f.mean.add_(1)
+    with pytest.raises(RuntimeError, match=r"blocks\[0\]\.f .*buffer 'mean'.*modified in place"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_an_in_place_first_op_is_refused_naming_the_block(grad):
+    chain = rt.ReversibleSequential(rt.ReversibleBlock(tanh_linear(3), tanh_linear(3), dim=-1),
+                                    rt.ReversibleBlock(nn.Sequential(nn.ReLU(inplace=True), nn.Linear(3, 3)),
+                                                       tanh_linear(3), dim=-1))
+    x = torch.randn(4, 6, requires_grad=grad)
+    with pytest.raises(RuntimeError, match=r"blocks\[1\]\.f \(Sequential\) modified its input in place"):
+        chain(x)
+
+
+class FailsWhenArmed(nn.Module):
+    """``tanh(l(x))`` that raises KeyboardInterrupt in the recompute (its input then requires
+    grad) while ``armed``."""
+
+    armed = False
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if self.armed and x.requires_grad:
+            raise KeyboardInterrupt
+        return torch.tanh(self.l(x))
+
+
+def interrupted_chain():
+    return rt.ReversibleSequential(rt.ReversibleBlock(FailsWhenArmed(), tanh_linear(3), dim=-1),
+                                   rt.ReversibleBlock(tanh_linear(3), tanh_linear(3), dim=-1))
+
+
+def test_a_backward_interrupted_in_the_recompute_says_so_when_run_again():
+    chain = interrupted_chain()
+    x = torch.randn(4, 6, requires_grad=True)
+    loss = chain(x).sum()  # nothing else holds the output (SumBackward keeps no tensor): backward frees it
+    chain[0].f.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        loss.backward()
+    chain[0].f.armed = False
+    with pytest.raises(RuntimeError, match="interrupted.*run the forward again"):
+        loss.backward()
+    loss_of(chain(x)).backward()  # a new forward trains again
+    assert x.grad is not None
+
+
+def test_a_backward_interrupted_while_the_caller_holds_the_output_runs_again():
+    chain = interrupted_chain()
+    x = torch.randn(4, 6, requires_grad=True)
+    y = chain(x)
+    chain[0].f.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        loss_of(y).backward()
+    chain[0].f.armed = False
+    loss_of(y).backward()
+    twin = copy.deepcopy(chain)
+    twin.reversible = False
+    x_twin = x.detach().clone().requires_grad_()
+    loss_of(twin(x_twin)).backward()
+    assert rel_err(x.grad, x_twin.grad) <= 1e-10
+
+
+@pytest.mark.parametrize("kind", ["forward_pre", "forward", "backward"])
+def test_hooks_on_a_block_inside_a_chain_are_refused_at_the_call(kind):
+    chain = rt.ReversibleSequential(*[rt.ReversibleBlock(tanh_linear(3), tanh_linear(3), dim=-1) for _ in range(2)])
+    register = {"forward_pre": chain[1].register_forward_pre_hook,
+                "forward": chain[1].register_forward_hook,
+                "backward": chain[1].register_full_backward_hook}[kind]
+    register(lambda *args: None)
+    with pytest.raises(RuntimeError, match=r"blocks\[1\] .*hook"):
+        chain(torch.randn(4, 6, requires_grad=True))
+
+
+def test_hooks_on_a_block_called_alone_fire():
+    block = rt.ReversibleBlock(tanh_linear(3), tanh_linear(3), dim=-1)
+    fired = []
+    block.register_forward_hook(lambda *args: fired.append(1))
+    block(torch.randn(4, 6, requires_grad=True)).sum().backward()
+    assert fired == [1]
