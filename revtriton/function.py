@@ -27,7 +27,8 @@ def side_inputs(blocks, kwargs):
     changes, for a keyword that none of their F and G modules takes."""
     if not kwargs:
         return NO_SIDE_INPUTS
-    return SideInputs(kwargs, [getattr(block, name) for block in blocks for name in block.FUNCTIONS])
+    return SideInputs(kwargs, {f"blocks[{i}].{name}": getattr(block, name)
+                               for i, block in enumerate(blocks) for name in block.FUNCTIONS})
 
 
 def runner(run, side, index):

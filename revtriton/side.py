@@ -9,6 +9,7 @@ the sum of its gradients from every F and G call that read it, and the backward'
 reads exactly the tensors the forward read.
 """
 import copy
+import dataclasses
 import functools
 import inspect
 
@@ -38,17 +39,26 @@ class SideInputs:
     """The keyword arguments of one chain call: ``tensors`` (inputs of the chain's autograd node,
     in a fixed order) and everything else, kept as the call gave them."""
 
-    def __init__(self, kwargs, functions=()):
-        """``functions``: the F and G modules of the chain. Raises TypeError, naming them, for
-        keywords that none of them takes."""
-        accepted = [keywords_of(m) for m in functions]
-        unknown = [] if None in accepted else sorted(set(kwargs).difference(*accepted))
+    def __init__(self, kwargs, functions=None):
+        """``functions``: the F and G modules of the chain, by name (``{"blocks[0].f": f, ...}``).
+        Raises TypeError, naming them and the keywords each takes, for keywords that none of
+        them takes, and for a tensor that requires grad inside an object that
+        ``torch.utils._pytree`` does not flatten (it would get no gradient)."""
+        accepted = {name: keywords_of(m) for name, m in (functions or {}).items()}
+        unknown = [] if None in accepted.values() else sorted(set(kwargs).difference(*accepted.values()))
         if unknown:
+            groups = {}
+            for name, names in accepted.items():
+                groups.setdefault(names, []).append(f"{name} ({type(functions[name]).__name__})")
+            takes = "; ".join(f"{', '.join(where[:3])}{f' and {len(where) - 3} more' * (len(where) > 3)} "
+                              f"take{'s' * (len(where) == 1)} {', '.join(sorted(names)) or 'no keyword'}"
+                              for names, where in groups.items())
             raise TypeError(f"keyword argument{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
                             f"reached no F or G of the chain: each gets the keyword arguments its forward "
-                            f"names after its input (all of them if it takes **kwargs)")
+                            f"names after its input (all of them if it takes **kwargs). In this chain, {takes}")
         self.kwargs = kwargs
         leaves, self._spec = pytree.tree_flatten(kwargs)
+        _refuse_opaque_tensors(kwargs)
         self._tensor_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         self._leaves = leaves
         self.tensors = [leaves[i] for i in self._tensor_at]
@@ -73,6 +83,24 @@ class SideInputs:
             return self.kwargs
         names = keywords_of(module)
         return self.kwargs if names is None else {k: v for k, v in self.kwargs.items() if k in names}
+
+
+def _refuse_opaque_tensors(kwargs):
+    """A TypeError for a dataclass side input that holds a tensor requiring grad but is not
+    registered with ``torch.utils._pytree``: passed as it is, its tensors would get no gradient."""
+    for key, value in kwargs.items():
+        for leaf in pytree.tree_leaves(value):
+            if not dataclasses.is_dataclass(leaf) or isinstance(leaf, type):
+                continue
+            for field in dataclasses.fields(leaf):
+                t = getattr(leaf, field.name, None)
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    cls = type(leaf).__name__
+                    raise TypeError(
+                        f"side input {key!r} is a {cls} (a dataclass) whose field {field.name!r} is a tensor "
+                        f"that requires grad, inside an object the chain cannot see into: it would get no "
+                        f"gradient. Register the class, torch.utils._pytree.register_dataclass({cls}), so that "
+                        f"its tensors become inputs of the chain, or pass the tensor as a keyword argument")
 
 
 NO_SIDE_INPUTS = SideInputs({})

@@ -267,3 +267,45 @@ def test_hooks_on_a_block_called_alone_fire():
     block.register_forward_hook(lambda *args: fired.append(1))
     block(torch.randn(4, 6, requires_grad=True)).sum().backward()
     assert fired == [1]
+
+
+def test_an_unknown_keyword_names_the_chain_by_what_its_f_and_g_take():
+    class Conditioned(nn.Module):
+        def forward(self, x, cond):
+            return x * cond
+
+    inner = rt.ReversibleSequential(*[rt.ReversibleBlock(Conditioned(), nn.Tanh(), dim=-1) for _ in range(5)])
+    with pytest.raises(TypeError, match=r"'mask' reached no F or G of the chain.*In this chain, blocks\[0\]\.f "
+                                        r"\(Conditioned\), blocks\[1\]\.f \(Conditioned\), blocks\[2\]\.f "
+                                        r"\(Conditioned\) and 2 more take cond; blocks\[0\]\.g \(Tanh\), .* take "
+                                        r"no keyword"):
+        inner(torch.randn(2, 4), cond=torch.ones(2, 2), mask=None)
+
+
+def test_a_dataclass_side_input_holding_a_tensor_that_requires_grad_is_refused_unless_registered():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Context:
+        memory: torch.Tensor
+
+    class ReadsContext(nn.Module):
+        def forward(self, x, ctx):
+            return x * ctx.memory
+
+    chain = rt.ReversibleSequential(rt.ReversibleBlock(ReadsContext(), nn.Tanh(), dim=-1))
+    memory = torch.randn(3, 2, requires_grad=True)
+    with pytest.raises(TypeError, match=r"side input 'ctx' is a Context \(a dataclass\) whose field 'memory' .*"
+                                        r"register_dataclass\(Context\)"):
+        chain(torch.randn(3, 4), ctx=Context(memory))
+    torch.utils._pytree.register_dataclass(Context)
+    try:
+        x = torch.randn(3, 4, requires_grad=True)
+        chain(x, ctx=Context(memory)).sum().backward()
+        twin = copy.deepcopy(chain)
+        twin.reversible = False
+        m2 = memory.detach().clone().requires_grad_()
+        twin(x.detach(), ctx=Context(m2)).sum().backward()
+        assert rel_err(memory.grad, m2.grad) <= 1e-10
+    finally:
+        torch.utils._pytree._deregister_pytree_node(Context)
