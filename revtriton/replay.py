@@ -112,63 +112,70 @@ def _unaliased(g, grad):
 
 
 class Call(NamedTuple):
-    """What one F/G call of a chain's forward saw, for its recompute: its parameters and buffers
-    (by name, references), the versions its buffers had, copies of those it modified in place
-    (their values before the call), the ``training`` flag of each of its modules, and the RNG
-    state it started from (None unless it drew random numbers)."""
+    """What one F/G call of a chain's forward saw, for its recompute: every parameter and buffer
+    of its modules as ``(owner module, "_parameters" or "_buffers", key, tensor)`` slots
+    (references), the buffers' versions, copies of the buffers it modified in place (their
+    values before the call, by slot index), its modules and their ``training`` flags, and the
+    RNG state it started from (None unless it drew random numbers)."""
     name: str
-    params: dict
-    buffers: dict
+    slots: list
     versions: dict
     before: dict
+    modules: list
     training: tuple
     rng_state: tuple
 
 
 def _record(name, module, run):
-    """Run ``run()`` (the call of ``module``) and return its :class:`Call` (RNG state None)."""
-    buffers = dict(module.named_buffers())
-    versions = {k: b._version for k, b in buffers.items()}
-    copies = {k: b.clone() for k, b in buffers.items()}
+    """Run ``run()`` (the call of ``module``) and return ``(its output, its Call)`` (RNG state None)."""
+    modules = list(module.modules())
+    slots = [(m, kind, k, t) for m in modules for kind in ("_parameters", "_buffers")
+             for k, t in getattr(m, kind).items() if t is not None]
+    buffers = [i for i, (_, kind, _, _) in enumerate(slots) if kind == "_buffers"]
+    versions = {i: slots[i][3]._version for i in buffers}
+    copies = {i: slots[i][3].clone() for i in buffers}
     out = run()
-    before = {k: copies[k] for k, b in buffers.items() if b._version != versions[k]}
-    call = Call(name, dict(module.named_parameters()), buffers, versions, before,
-                tuple(m.training for m in module.modules()), None)
-    return out, call
+    before = {i: copies[i] for i in buffers if slots[i][3]._version != versions[i]}
+    return out, Call(name, slots, versions, before, modules, tuple(m.training for m in modules), None)
 
 
-def _as_the_forward_saw(call, module, params):
-    """The parameters and buffers (by name) that replay ``call`` of ``module``: ``params`` and a
-    copy of each buffer as the call read it, so that the recompute never writes the module's
-    own (BatchNorm updates its running statistics without a version bump) and a second backward
-    replays the same values. A RuntimeError if a buffer was modified in place since by anything
-    but the call itself."""
-    tensors = dict(params)
-    for k, b in call.buffers.items():
-        if k not in call.before and b._version != call.versions[k]:
+def _replacements(call, module):
+    """``(tensor per slot, [(parameter, alias), ...])`` that replay ``call`` of ``module``: a
+    detached alias for each parameter that requires grad (so that its hooks fire once, when the
+    chain hands out its gradient), and a copy of each buffer as the call read it (so that the
+    recompute never writes the module's own: BatchNorm updates its running statistics without a
+    version bump, and a second backward replays the same values). A RuntimeError if a buffer
+    was modified in place since by anything but the call itself."""
+    tensors, aliases = [], {}
+    for i, (owner, kind, key, t) in enumerate(call.slots):
+        if kind == "_parameters":
+            tensors.append(aliases.setdefault(t, t.detach().requires_grad_()) if t.requires_grad else t)
+            continue
+        if i not in call.before and t._version != call.versions[i]:
+            name = next(f"{path}.{key}".lstrip(".") for path, m in module.named_modules() if m is owner)
             raise RuntimeError(
-                f"{call.name} ({type(module).__name__}): its buffer {k!r}, which the forward read, was modified "
+                f"{call.name} ({type(module).__name__}): its buffer {name!r}, which the forward read, was modified "
                 f"in place before backward: the recompute cannot see the value the forward read. Modify it "
                 f"after backward (or call the chain again)")
-        tensors[k] = call.before.get(k, b).clone()
-    return tensors
+        tensors.append(call.before.get(i, t).clone())
+    return tensors, list(aliases.items())
 
 
 @contextlib.contextmanager
-def _training_as(module, flags):
-    """Set the ``training`` flag of each module in ``module`` to ``flags`` (as a forward saw them),
-    then back."""
-    modules = list(module.modules())
-    now = [m.training for m in modules]
-    if tuple(now) == flags:
-        yield
-        return
-    for m, flag in zip(modules, flags):
-        m.training = flag
+def _as_the_forward_saw(call, tensors):
+    """Put ``tensors`` in ``call``'s slots and its training flags on its modules, then back."""
+    now = [getattr(owner, kind)[key] for owner, kind, key, _ in call.slots]
+    flags = [m.training for m in call.modules]
     try:
+        for (owner, kind, key, _), t in zip(call.slots, tensors):
+            getattr(owner, kind)[key] = t
+        for m, flag in zip(call.modules, call.training):
+            m.training = flag
         yield
     finally:
-        for m, flag in zip(modules, now):
+        for (owner, kind, key, _), t in zip(call.slots, now):
+            getattr(owner, kind)[key] = t
+        for m, flag in zip(call.modules, flags):
             m.training = flag
 
 
@@ -178,10 +185,10 @@ class Recorder:
     Each forward call records a :class:`Call`: the parameters and buffers it used
     (references; a copy of a buffer only where the call modified it in place), its modules'
     training flags and, when it drew random numbers, the RNG state it started from. The
-    recompute calls the module through ``torch.func.functional_call`` with detached aliases of
-    those parameters (so that a hook on a parameter fires once, when the chain hands out its
-    gradient, as in eager) and the buffers as the call read them, in the training mode it ran
-    in; the module itself is left as the forward left it.
+    recompute calls the module with detached aliases of those parameters in their places (so
+    that a hook on a parameter fires once, when the chain hands out its gradient, as in eager)
+    and the buffers as the call read them, in the training mode it ran in; then puts the
+    module back as the forward left it.
     """
 
     def __init__(self, device, preserve_rng_state=True):
@@ -259,13 +266,11 @@ class Recorder:
         inputs (:func:`check_reads`).
         """
         leaf = x.detach().requires_grad_()
-        aliases = {k: p.detach().requires_grad_() if p.requires_grad else p for k, p in call.params.items()}
-        trainable = [(call.params[k], a) for k, a in aliases.items() if a.requires_grad]
+        tensors, trainable = _replacements(call, module)
         wanted = [i for i, t in enumerate(side.tensors) if t.requires_grad]
         inputs = [leaf, *(a for _, a in trainable), *(side.tensors[i] for i in wanted)]
-        tensors = _as_the_forward_saw(call, module, aliases)
-        with torch.enable_grad(), self._replayed(call.rng_state), _training_as(module, call.training):
-            out = torch.func.functional_call(module, tensors, (leaf,), side.for_module(module), strict=False)
+        with torch.enable_grad(), self._replayed(call.rng_state), _as_the_forward_saw(call, tensors):
+            out = module(leaf, **side.for_module(module))
         if callable(grad):
             grad = grad(out.detach())
         if not out.requires_grad:
