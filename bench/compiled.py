@@ -76,11 +76,17 @@ def launches(layout, precision):
         "affine_inverse_": lambda: k.affine_inverse_(halves()[1], out(), out(), 2.0),
         "affine_backward_": lambda: k.affine_backward_(halves()[1], halves()[1], out(), out(), out(), None, 2.0),
         "affine_backward_ld": lambda: k.affine_backward_(halves()[1], halves()[1], out(), out(), out(), ld_grad, 2.0),
+        "affine_inverse_backward_": lambda: k.affine_inverse_backward_(halves()[1], halves()[1], out(), out(), None,
+                                                                       2.0),
+        "affine_inverse_backward_ld": lambda: k.affine_inverse_backward_(halves()[1], halves()[1], out(), out(),
+                                                                         ld_grad, 2.0),
         "momentum_forward_": lambda: k.momentum_forward_(*halves(), out(), 0.9),
         "momentum_inverse_": lambda: k.momentum_inverse_(halves()[1], out(), 0.9),
         "momentum_backward_x_": lambda: k.momentum_backward_x_(*halves(), *halves(), 0.9),
         "momentum_backward_v_": lambda: k.momentum_backward_v_(halves()[1], out(), halves()[0], out(dtype),
                                                                halves()[1], 0.9),
+        "momentum_inverse_backward_": lambda: k.momentum_inverse_backward_(*halves(), out(), halves()[0],
+                                                                           out(dtype), halves()[1], 0.9),
     }
 
 

@@ -5,6 +5,9 @@
     inverse     x2 = (y2 - t) / exp(s_c)
     backward    x2 = (y2 - t) / exp(s_c),  dx2 = dy2 * exp(s_c),
                 ds = (dy2 * (y2 - t) + ld_grad[sample]) * (1 - tanh(s / clamp)^2)
+    inverse_backward (the backward of the inverse, whose log-determinant is -sum of s_c)
+                x2 * exp(s_c) (y2 less t),  dy2 = dx2 / exp(s_c),
+                ds = -(dx2 * x2 + ld_grad[sample]) * (1 - tanh(s / clamp)^2)
 
 ``s`` is the raw output of the scale function and ``ds`` the gradient flowing into it; the
 gradient flowing into ``t`` is ``dy2`` itself. ``ld`` and ``ld_grad`` hold one value per index
@@ -74,6 +77,27 @@ def _backward_kernel(y_ptr, dy_ptr, s_ptr, t_ptr, ds_ptr, y_stride, dy_stride, s
     tl.store(at(ds_ptr, ds_stride, rows, cols), (ds * (1 - th * th)).to(ds_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _inverse_backward_kernel(x_ptr, dx_ptr, s_ptr, ds_ptr, x_stride, dx_stride, s_stride, ds_stride,
+                             n_rows, n_cols, ld_grad_ptr, ld_grad_stride, rows_per_sample, clamp: tl.float64,
+                             ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    x_ptrs = at(x_ptr, x_stride, rows, cols)
+    dx_ptrs = at(dx_ptr, dx_stride, rows, cols)
+    x = tl.load(x_ptrs, mask=mask).to(ACC)
+    dx = tl.load(dx_ptrs, mask=mask).to(ACC)
+    c = tl.full((), clamp, ACC)
+    th = _tanh(tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC) * (1 / c))
+    scale = tl.exp(c * th)
+    ds = dx * x
+    if ld_grad_ptr is not None:  # one load per row, from the row's sample
+        ld_grad = tl.load(ld_grad_ptr + (rows // rows_per_sample) * ld_grad_stride, mask=rows < n_rows)
+        ds += ld_grad.to(ACC)[:, None]
+    tl.store(x_ptrs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptrs, (dx / scale).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(at(ds_ptr, ds_stride, rows, cols), (-ds * (1 - th * th)).to(ds_ptr.dtype.element_ty), mask=mask)
+
+
 def affine_forward_(x, s, t, ld, clamp):
     """In place ``x = x * exp(s_c) + t``; ``ld[i] += sum(s_c)`` over sample i unless ld is None."""
     launch_per_sample(_affine_kernel, (x, s, t), (0,), ld, clamp, INVERSE=False)
@@ -87,3 +111,9 @@ def affine_inverse_(y, s, t, clamp):
 def affine_backward_(y, dy, s, t, ds, ld_grad, clamp):
     """In one pass: ``y`` becomes x2, ``dy`` becomes dx2 and ``ds`` the gradient into ``s``."""
     launch_per_sample(_backward_kernel, (y, dy, s, t, ds), (0, 1, 4), ld_grad, clamp)
+
+
+def affine_inverse_backward_(x, dx, s, ds, ld_grad, clamp):
+    """In one pass: ``x`` becomes ``x * exp(s_c)`` (y2 less t), ``dx`` becomes dy2 and ``ds`` the
+    gradient into ``s`` of the inverse and its log-determinant."""
+    launch_per_sample(_inverse_backward_kernel, (x, dx, s, ds), (0, 1, 3), ld_grad, clamp)

@@ -6,15 +6,18 @@ along the block's ``dim`` (``x1, x2 = x``).
 
 - ``forward_inplace(x, run, log_det)``: x becomes y; unless ``log_det`` is None, the block
   adds its log|det dy/dx| per sample (index of dim 0) to that tensor in place.
-- ``inverse_inplace(y, run)``: y becomes x.
+- ``inverse_inplace(y, run, log_det)``: y becomes x; unless ``log_det`` is None, the block
+  adds its log|det dx/dy| (minus the forward's) to it.
 - ``backward_inplace(y, dy, vjp, log_det_grad)``: y becomes x and dy becomes dx (Algorithm 1,
   DESIGN.md), counting the per-sample gradient ``log_det_grad`` of the log-determinant (or
   None); returns the parameter gradients as ``[(param, grad), ...]``.
+- ``inverse_backward_inplace(x, dx, vjp, log_det_grad)``: the backward of the inverse, its
+  mirror: x becomes y (F and G run forward again) and dx becomes dy.
 
-``eager_forward(x, log_det=None, run=call)`` computes the same with plain autograd (for
-debugging). ``FUNCTIONS`` names the block's F and G submodules: the ones that take side inputs.
+``eager_forward(x, log_det=None, run=call)`` and ``eager_inverse(y, log_det=None, run=call)``
+compute the same with plain autograd (for debugging). ``FUNCTIONS`` names the block's F and G submodules: the ones that take side inputs.
 
-``run(name, module, input)`` and ``vjp(module, input, grad)`` call F and G; the chain picks
+``run(name, module, input)`` and ``vjp(module, input, grad, negate=False)`` call F and G; the chain picks
 them so that the recompute replays the forward's RNG and autocast state and every call gets
 its side inputs.
 """
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .function import invert_chain, reversible_chain
+from .function import inverse_chain, reversible_chain
 from .stream import halves
 
 
@@ -31,12 +34,14 @@ def call(name, module, x):
     return module(x)
 
 
-def _step_back(vjp, fn, inp, grad_out, rebuilt, grad_in):
+def _step_back(vjp, fn, inp, grad_out, rebuilt, grad_in, negate=False):
     """One step of Algorithm 1: recompute ``out = fn(inp)`` and pull ``grad_out`` back through
     it, then in one fused pass ``rebuilt -= out`` and ``grad_in += dfn/dinp^T grad_out``
-    (``rebuilt`` alone if ``out`` does not depend on ``inp``). Returns the parameter gradients;
-    ``out`` and the input gradient are freed on return, before the next step's recompute."""
-    out, grad_inp, params = vjp(fn, inp, grad_out)
+    (``rebuilt`` alone if ``out`` does not depend on ``inp``). With ``negate``, ``out = -fn(inp)``:
+    the mirror step of an inverse's backward, ``rebuilt += fn(inp)``. Returns the parameter
+    gradients; ``out`` and the input gradient are freed on return, before the next step's
+    recompute."""
+    out, grad_inp, params = vjp(fn, inp, grad_out, negate)
     if grad_inp is None:
         ops.coupling_inverse(rebuilt, out)
     else:
@@ -107,16 +112,16 @@ class ReversibleBlock(nn.Module):
         return reversible_chain((self,), x, self.preserve_rng_state, kwargs=kwargs)
 
     def inverse(self, y, **kwargs):
-        """Rebuild the input from the output ``y`` (without gradient; ``y`` is not modified),
-        given the side inputs of the forward call."""
-        return invert_chain((self,), y, kwargs)
+        """Rebuild the input from the output ``y`` (``y`` is not modified), given the side inputs
+        of the forward call: differentiable with grad enabled, as a chain of one's ``inverse``."""
+        return inverse_chain((self,), y, self.preserve_rng_state, False, kwargs)
 
     def forward_inplace(self, x, run, log_det=None):  # volume-preserving: adds 0 to log_det
         x1, x2 = x
         ops.coupling_forward(x1, run("f", self.f, x2))
         ops.coupling_forward(x2, run("g", self.g, x1))
 
-    def inverse_inplace(self, y, run):
+    def inverse_inplace(self, y, run, log_det=None):
         y1, y2 = y
         ops.coupling_inverse(y2, run("g", self.g, y1))
         ops.coupling_inverse(y1, run("f", self.f, y2))
@@ -127,8 +132,20 @@ class ReversibleBlock(nn.Module):
         f_params = _step_back(vjp, self.f, y2, dy1, y1, dy2)  # x1 = y1 - F(x2);  dx2 = dy2 + dF/dx2^T dy1
         return f_params + g_params
 
+    def inverse_backward_inplace(self, x, dx, vjp, log_det_grad=None):
+        (x1, x2), (dx1, dx2) = x, dx
+        f_params = _step_back(vjp, self.f, x2, dx1, x1, dx2, negate=True)  # y1 = x1 + F(x2); dx2 -= dF^T dx1
+        g_params = _step_back(vjp, self.g, x1, dx2, x2, dx1, negate=True)  # y2 = x2 + G(y1); dy1 = dx1 - dG^T dy2
+        return g_params + f_params
+
     def eager_forward(self, x, log_det=None, run=call):
         """The same function with plain autograd, keeping every activation (for debugging)."""
         x1, x2 = halves(x, self.dim)
         y1 = x1 + run("f", self.f, x2)
         return torch.cat([y1, x2 + run("g", self.g, y1)], dim=self.dim)
+
+    def eager_inverse(self, y, log_det=None, run=call):
+        """The inverse with plain autograd: ``x2 = y2 - G(y1)``, ``x1 = y1 - F(x2)``."""
+        y1, y2 = halves(y, self.dim)
+        x2 = y2 - run("g", self.g, y1)
+        return torch.cat([y1 - run("f", self.f, x2), x2], dim=self.dim)

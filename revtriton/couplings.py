@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .blocks import ReversibleBlock, _as_module, call, halves
+from .blocks import ReversibleBlock, _as_module, _step_back, call, halves
 
 
 def _number(name, value, inside, expected):
@@ -88,9 +88,13 @@ class AffineBlock(_Coupling):
         s, t = run("s", self.s, x1), run("t", self.t, x1)
         ops.affine_forward(x2, s, t, log_det, self.clamp)
 
-    def inverse_inplace(self, y, run):
+    def inverse_inplace(self, y, run, log_det=None):
         y1, y2 = self._halves(y)
-        ops.affine_inverse(y2, run("s", self.s, y1), run("t", self.t, y1), self.clamp)
+        t = run("t", self.t, y1)  # t before s: the inverse's backward recomputes s first
+        s = run("s", self.s, y1)
+        ops.affine_inverse(y2, s, t, self.clamp)
+        if log_det is not None:
+            log_det -= ops.per_sample_sum(ops.soft_clamp(s.to(log_det.dtype), self.clamp))
 
     def backward_inplace(self, y, dy, vjp, log_det_grad=None):
         y1, y2 = self._halves(y)
@@ -110,6 +114,24 @@ class AffineBlock(_Coupling):
         _add_grad_(dy1, s_y1)
         return s_params + t_params
 
+    def inverse_backward_inplace(self, x, dx, vjp, log_det_grad=None):
+        x1, x2 = self._halves(x)
+        dx1, dx2 = self._halves(dx)
+
+        def scale_grad(s):  # x2 * exp(s_c), dy2 = dx2 / exp(s_c) and dL/ds in one pass
+            ds = torch.empty_like(s, memory_format=torch.contiguous_format)
+            ops.affine_inverse_backward(x2, dx2, s, ds, log_det_grad, self.clamp)
+            return ds
+
+        # x1.data: a version counter of its own, as x2 (same buffer) changes while the
+        # recompute of s keeps x1 for its backward (see backward_inplace)
+        _, s_x1, s_params = vjp(self.s, x1.data, scale_grad)
+        _add_grad_(dx1, s_x1)
+        del s_x1
+        # y2 = x2 * exp(s_c) + t(y1);  dL/dt = -dy2
+        t_params = _step_back(vjp, self.t, x1, dx2, x2, dx1, negate=True)
+        return t_params + s_params
+
     def eager_forward(self, x, log_det=None, run=call):
         """The same function with plain autograd, keeping every activation (for debugging)."""
         x1, x2 = self._halves(halves(x, self.dim))
@@ -118,6 +140,16 @@ class AffineBlock(_Coupling):
         if log_det is not None:
             log_det += ops.per_sample_sum(s)
         return torch.cat([y2, x1] if self.swap else [x1, y2], dim=self.dim)
+
+    def eager_inverse(self, y, log_det=None, run=call):
+        """The inverse with plain autograd: ``x2 = (y2 - t(y1)) * exp(-s_c(y1))``."""
+        y1, y2 = self._halves(halves(y, self.dim))
+        t = run("t", self.t, y1)
+        s = ops.soft_clamp(run("s", self.s, y1), self.clamp)
+        x2 = (y2 - t) * (-s).exp()
+        if log_det is not None:
+            log_det -= ops.per_sample_sum(s)
+        return torch.cat([x2, y1] if self.swap else [y1, x2], dim=self.dim)
 
 
 class MomentumBlock(_Coupling):
@@ -159,16 +191,25 @@ class MomentumBlock(_Coupling):
         if log_det is not None:
             log_det += self._log_det(v)
 
-    def inverse_inplace(self, y, run):
+    def inverse_inplace(self, y, run, log_det=None):
         x, v = y
         ops.coupling_inverse(x, v)  # x = x' - v'
         ops.momentum_inverse(v, run("f", self.f, x), self.beta)
+        if log_det is not None:
+            log_det -= self._log_det(v)
 
     def backward_inplace(self, y, dy, vjp, log_det_grad=None):  # log|det| is constant
         (x, v), (dx, dv) = y, dy
         ops.momentum_backward_x(x, v, dx, dv, self.beta)  # x = x' - v', dv = (1 - beta)(dx' + dv')
         f, f_x, f_params = vjp(self.f, x, dv)
         ops.momentum_backward_v(v, f, dx, torch.zeros_like(f) if f_x is None else f_x, dv, self.beta)
+        return f_params
+
+    def inverse_backward_inplace(self, xv, dxv, vjp, log_det_grad=None):  # log|det| is constant
+        (x, v), (dx, dv) = xv, dxv
+        dv.mul_(-(1 - self.beta) / self.beta)  # dL/dF(x) = -(1 - beta) / beta * dv
+        f, f_x, f_params = vjp(self.f, x, dv)
+        ops.momentum_inverse_backward(x, v, f, dx, torch.zeros_like(f) if f_x is None else f_x, dv, self.beta)
         return f_params
 
     def eager_forward(self, xv, log_det=None, run=call):
@@ -178,3 +219,12 @@ class MomentumBlock(_Coupling):
         if log_det is not None:
             log_det += self._log_det(v)
         return torch.cat([x + v, v], dim=self.dim)
+
+    def eager_inverse(self, xv, log_det=None, run=call):
+        """The inverse with plain autograd: ``x = x' - v'``, ``v = (v' - (1 - beta) f(x)) / beta``."""
+        x, v = halves(xv, self.dim)
+        x = x - v
+        v = (v - (1 - self.beta) * run("f", self.f, x)) / self.beta
+        if log_det is not None:
+            log_det -= self._log_det(v)
+        return torch.cat([x, v], dim=self.dim)

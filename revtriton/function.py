@@ -14,12 +14,35 @@ chain's ``run`` names the call ``blocks[i].name`` and passes the module its side
 """
 import functools
 import weakref
+from typing import Callable, NamedTuple
 
 import torch
 
 from .replay import Recorder, run_checked, run_side_effect_free
 from .side import NO_SIDE_INPUTS, SideInputs
 from .stream import from_stream, to_stream
+
+
+class Direction(NamedTuple):
+    """Which way a chain runs: the block methods for its in-place steps, their backward and
+    the eager twin's, whether blocks run last to first, and how F and G are called when
+    nothing is kept for a recompute."""
+    step: str
+    back: str
+    eager: str
+    reversed: bool
+    run_without_grad: Callable
+
+
+FORWARD = Direction("forward_inplace", "backward_inplace", "eager_forward", False, run_checked)
+# without grad, an inverse leaves buffers such as BatchNorm statistics untouched
+INVERSE = Direction("inverse_inplace", "inverse_backward_inplace", "eager_inverse", True, run_side_effect_free)
+
+
+def in_order(blocks, direction):
+    """``(index, block)`` pairs in the order ``direction`` runs them."""
+    pairs = list(enumerate(blocks))
+    return pairs[::-1] if direction.reversed else pairs
 
 
 def side_inputs(blocks, kwargs):
@@ -145,21 +168,23 @@ def release_if_unshared(saved, output):
 
 
 class ReversibleChainFunction(torch.autograd.Function):
-    """``y = blocks[-1](...blocks[0](x))``, saving only ``y``; with ``log_det``, also the
-    per-sample log|det dy/dx|, whose gradient flows into the blocks' backward steps.
+    """``y = blocks[-1](...blocks[0](x))`` (or, in the ``INVERSE`` direction, the chain's
+    inverse ``blocks[0]^-1(...blocks[-1]^-1(x))``), saving only ``y``; with ``log_det``, also
+    the per-sample log|det dy/dx|, whose gradient flows into the blocks' backward steps.
 
     Backward rebuilds the inputs in a stream copied from ``y`` (one activation-sized buffer,
     whatever the depth), so the output stays valid after backward and a retained graph can
     run again; when nothing else can read ``y`` any more, its storage is freed as soon as it
-    is copied (:func:`release_if_unshared`).
+    is copied (:func:`release_if_unshared`). An inverse's backward is the mirror: it rebuilds
+    by running the blocks forward, first to last.
     """
 
     @staticmethod
-    def forward(ctx, x, blocks, preserve_rng_state, log_det, side, n_params, *tensors):
+    def forward(ctx, x, blocks, direction, preserve_rng_state, log_det, side, n_params, *tensors):
         params, side_tensors = tensors[:n_params], tensors[n_params:]
         recorder = Recorder(x.device, preserve_rng_state)
-        y, ld = _run_forward(blocks, x, recorder.forward, log_det, side)
-        ctx.blocks, ctx.recorder, ctx.side = blocks, recorder, side.without_tensors()
+        y, ld = run_chain(blocks, x, recorder.forward, log_det, side, direction)
+        ctx.blocks, ctx.direction, ctx.recorder, ctx.side = blocks, direction, recorder, side.without_tensors()
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
         # version-checked: modifying a side input or a parameter in place before backward raises
         ctx.save_for_backward(y, *side_tensors, *params)
@@ -192,27 +217,27 @@ class ReversibleChainFunction(torch.autograd.Function):
         del y
         grad = to_stream(grad_y, dim)
         param_grads = [None] * len(ctx.param_index)
-        wants_grad = ctx.needs_input_grad[6 + len(param_grads):]
+        wants_grad = ctx.needs_input_grad[7 + len(param_grads):]
         side = ctx.side.replaced([t.detach().requires_grad_(w) for t, w in zip(side_tensors, wants_grad)])
         vjp, side_grads = ctx.recorder.replay_reversed(side)
-        for block in reversed(ctx.blocks):
-            for p, g in block.backward_inplace(stream, grad, vjp, grad_log_det):
+        for _, block in reversed(in_order(ctx.blocks, ctx.direction)):
+            for p, g in getattr(block, ctx.direction.back)(stream, grad, vjp, grad_log_det):
                 i = ctx.param_index.get(id(p))
                 if g is not None and i is not None:
                     param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
         del stream
         dx = from_stream(grad, dim) if ctx.needs_input_grad[0] else None
         ctx.freed_in_backward = False  # ended: autograd's own error guards a second backward
-        return (dx, None, None, None, None, None, *param_grads, *side_grads)
+        return (dx, None, None, None, None, None, None, *param_grads, *side_grads)
 
 
-def _run_forward(blocks, x, run, log_det, side):
-    """``(y, log_det or None)``: the blocks run in place on a stream of ``x``."""
+def run_chain(blocks, x, run, log_det, side, direction=FORWARD):
+    """``(y, log_det or None)``: the blocks run in place on a stream of ``x``, in ``direction``."""
     dim = blocks[0].dim
     stream = to_stream(x, dim)
     ld = new_log_det(blocks, x) if log_det else None
-    for i, block in enumerate(blocks):
-        block.forward_inplace(stream, runner(run, side, i), ld)
+    for i, block in in_order(blocks, direction):
+        getattr(block, direction.step)(stream, runner(run, side, i), ld)
     return from_stream(stream, dim), ld
 
 
@@ -231,8 +256,25 @@ def reversible_chain(blocks, x, preserve_rng_state=True, log_det=False, kwargs=N
     if not blocks or torch.jit.is_tracing() or is_exporting():
         return eager_chain(blocks, x, log_det, kwargs)
     if torch.is_grad_enabled():
-        return _reversible_with_grad(blocks, x, preserve_rng_state, log_det, kwargs)
-    return _forward_only(blocks, x, log_det, kwargs)
+        return _reversible_with_grad(blocks, x, preserve_rng_state, log_det, kwargs, FORWARD)
+    return _without_grad(blocks, x, log_det, kwargs, FORWARD)
+
+
+def inverse_chain(blocks, y, preserve_rng_state=True, log_det=False, kwargs=None):
+    """Rebuild a chain's input from its output ``y`` (``y`` itself is not modified), passing F
+    and G the side inputs ``kwargs`` of the forward call. With ``log_det``, return ``(x,
+    log|det dx/dy| per sample)``, the negative of the forward's log-determinant at ``x``.
+
+    With grad, it trains like the forward: one autograd node keeps only ``x`` and its backward
+    runs the blocks forward again (F and G twice per step, memory flat in depth), replaying
+    RNG, autocast, buffers and training flags; F and G are called as in a forward (BatchNorm
+    updates its statistics). Without grad (and under export or tracing) nothing is kept and
+    buffers are left untouched: use eval mode if F or G draw random numbers (dropout), or the
+    rebuilt input will differ.
+    """
+    if blocks and torch.is_grad_enabled() and not (torch.jit.is_tracing() or is_exporting()):
+        return _reversible_with_grad(blocks, y, preserve_rng_state, log_det, kwargs, INVERSE)
+    return _without_grad(blocks, y, log_det, kwargs, INVERSE)
 
 
 def _checked_side_inputs(blocks, x, kwargs):
@@ -245,21 +287,23 @@ def _checked_side_inputs(blocks, x, kwargs):
 
 
 @torch.compiler.disable
-def _reversible_with_grad(blocks, x, preserve_rng_state, log_det, kwargs):
-    """The chain as one autograd node, or forward only if nothing in it requires grad."""
+def _reversible_with_grad(blocks, x, preserve_rng_state, log_det, kwargs, direction):
+    """The chain as one autograd node, or without grad if nothing in it requires grad."""
     side = _checked_side_inputs(blocks, x, kwargs)
     params = trainable_parameters(blocks)
     if x.requires_grad or params or any(t.requires_grad for t in side.tensors):
-        return ReversibleChainFunction.apply(x, tuple(blocks), preserve_rng_state, log_det, side, len(params),
-                                             *params, *side.tensors)
-    return _forward_only(blocks, x, log_det, kwargs, side)
+        return ReversibleChainFunction.apply(x, tuple(blocks), direction, preserve_rng_state, log_det, side,
+                                             len(params), *params, *side.tensors)
+    return _without_grad(blocks, x, log_det, kwargs, direction, side)
 
 
 @torch.no_grad()
-def _forward_only(blocks, x, log_det, kwargs, side=None):
-    """The chain's forward with nothing kept for a recompute (torch.compile traces through it)."""
+def _without_grad(blocks, x, log_det, kwargs, direction, side=None):
+    """The chain with nothing kept for a recompute (torch.compile traces through it)."""
     side = _checked_side_inputs(blocks, x, kwargs) if side is None else side
-    y, ld = _run_forward(blocks, x, run_checked, log_det, side)
+    if not blocks:
+        return (x, new_log_det(blocks, x)) if log_det else x
+    y, ld = run_chain(blocks, x, direction.run_without_grad, log_det, side, direction)
     return (y, ld) if log_det else y
 
 
@@ -283,31 +327,12 @@ def refuse_function_transforms():
             "run the eager twin: set reversible=False on the chain (the same modules and parameters).")
 
 
-@torch.no_grad()
-def invert_chain(blocks, y, kwargs=None):
-    """Rebuild a chain's input from its output ``y`` (``y`` itself is not modified), passing F
-    and G the side inputs ``kwargs`` of the forward call.
-
-    Buffers such as BatchNorm running statistics are left untouched. F and G are called
-    as they are: use eval mode if they draw random numbers (dropout), or the rebuilt input
-    will differ.
-    """
-    check_chain_input(blocks, y)
-    side = side_inputs(blocks, kwargs)
-    if not blocks:
-        return y
-    stream = to_stream(y, blocks[0].dim)
-    for i, block in reversed(list(enumerate(blocks))):
-        block.inverse_inplace(stream, runner(run_side_effect_free, side, i))
-    return from_stream(stream, blocks[0].dim)
-
-
-def eager_chain(blocks, x, log_det, kwargs=None):
-    """The same function as :func:`reversible_chain` with plain autograd, keeping every
-    activation (the debugging switch ``reversible=False``)."""
+def eager_chain(blocks, x, log_det, kwargs=None, direction=FORWARD):
+    """The same function as :func:`reversible_chain` (or :func:`inverse_chain`) with plain
+    autograd, keeping every activation (the debugging switch ``reversible=False``)."""
     check_chain_input(blocks, x)
     side = side_inputs(blocks, kwargs)
     ld = new_log_det(blocks, x) if log_det else None
-    for i, block in enumerate(blocks):
-        x = block.eager_forward(x, ld, runner(run_checked, side, i))
+    for i, block in in_order(blocks, direction):
+        x = getattr(block, direction.eager)(x, ld, runner(run_checked, side, i))
     return (x, ld) if log_det else x

@@ -157,6 +157,18 @@ def _affine_backward(y, dy, s, t, ds, ld_grad, clamp):
     ds.copy_(grad * (1 - th * th))
 
 
+def _affine_inverse_backward(x, dx, s, ds, ld_grad, clamp):
+    x_, dx_, s_ = _acc(x, dx, s)
+    th = torch.tanh(s_ / clamp)
+    scale = (clamp * th).exp()
+    grad = dx_ * x_
+    if ld_grad is not None:
+        grad += ld_grad.to(grad.dtype).view(-1, *[1] * (x.ndim - 1))
+    x.copy_(x_ * scale)
+    dx.copy_(dx_ / scale)
+    ds.copy_(-grad * (1 - th * th))
+
+
 def _momentum_forward(x, v, f, beta):
     x_, v_, f_ = _acc(x, v, f)
     v_ = beta * v_ + (1 - beta) * f_
@@ -182,6 +194,16 @@ def _momentum_backward_v(v, f, dx, fx, dv, beta):
     dv.copy_(dv_ * (beta / (1 - beta)))
 
 
+def _momentum_inverse_backward(x, v, f, dx, fx, dv, beta):
+    x_, v_, f_, dx_, fx_, dv_ = _acc(x, v, f, dx, fx, dv)
+    v_ = beta * v_ + (1 - beta) * f_
+    dx_ = dx_ + fx_
+    v.copy_(v_)
+    x.copy_(x_ + v_)
+    dx.copy_(dx_)
+    dv.copy_(-dv_ / (1 - beta) - dx_)
+
+
 affine_forward = define("affine_forward", ("x", "s", "t"), ("x", "ld"), "affine_forward_", _affine_forward,
                         per_sample=("ld",), scalars=("clamp",))
 affine_inverse = define("affine_inverse", ("y", "s", "t"), ("y",), "affine_inverse_", _affine_inverse,
@@ -196,3 +218,8 @@ momentum_backward_x = define("momentum_backward_x", ("x", "v", "dx", "dv"), ("x"
                              _momentum_backward_x, scalars=("beta",))
 momentum_backward_v = define("momentum_backward_v", ("v", "f", "dx", "fx", "dv"), ("v", "dx", "dv"),
                              "momentum_backward_v_", _momentum_backward_v, scalars=("beta",))
+affine_inverse_backward = define("affine_inverse_backward", ("x", "dx", "s", "ds"), ("x", "dx", "ds"),
+                                 "affine_inverse_backward_", _affine_inverse_backward, per_sample=("ld_grad",),
+                                 scalars=("clamp",))
+momentum_inverse_backward = define("momentum_inverse_backward", ("x", "v", "f", "dx", "fx", "dv"), ("x", "v", "dx", "dv"),
+                                   "momentum_inverse_backward_", _momentum_inverse_backward, scalars=("beta",))

@@ -241,7 +241,7 @@ class Recorder:
             yield
 
     def replay_reversed(self, side):
-        """``(vjp, side_grads)`` for one backward: ``vjp(module, x, grad)`` replays the forward's
+        """``(vjp, side_grads)`` for one backward: ``vjp(module, x, grad, negate=False)`` replays the forward's
         calls from the last to the first (a retained graph replays them again on its next
         backward) with the side inputs ``side``, whose tensors that require grad are this
         backward's leaves; ``side_grads`` sums their gradients over the calls, one entry per
@@ -249,13 +249,14 @@ class Recorder:
         calls = reversed(self.calls)
         side_grads = [None] * len(side.tensors)
 
-        def vjp(module, x, grad):
-            return self._vjp(module, x, grad, side, side_grads, next(calls))
+        def vjp(module, x, grad, negate=False):
+            return self._vjp(module, x, grad, side, side_grads, next(calls), negate)
 
         return vjp, side_grads
 
-    def _vjp(self, module, x, grad, side, side_grads, call):
-        """Recompute ``out = module(x, **side inputs)`` as ``call`` ran it in forward and pull
+    def _vjp(self, module, x, grad, side, side_grads, call, negate):
+        """Recompute ``out = module(x, **side inputs)`` (``-module(...)`` with ``negate``: the
+        backward of an inverse, which subtracts F) as ``call`` ran it in forward and pull
         ``grad`` back through it.
 
         Returns ``(out, dL/dx, [(param, dL/dparam), ...])`` with ``out`` detached, and adds the
@@ -271,6 +272,7 @@ class Recorder:
         inputs = [leaf, *(a for _, a in trainable), *(side.tensors[i] for i in wanted)]
         with torch.enable_grad(), self._replayed(call.rng_state), _as_the_forward_saw(call, tensors):
             out = module(leaf, **side.for_module(module))
+            out = -out if negate else out
         if callable(grad):
             grad = grad(out.detach())
         if not out.requires_grad:

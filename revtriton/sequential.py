@@ -3,7 +3,9 @@ from collections import OrderedDict
 
 from torch import nn
 
-from .function import eager_chain, invert_chain, reversible_chain
+import torch
+
+from .function import INVERSE, eager_chain, inverse_chain, reversible_chain
 
 
 class ReversibleSequential(nn.Sequential):
@@ -100,9 +102,24 @@ class ReversibleSequential(nn.Sequential):
         return reversible_chain(tuple(self), x, self.preserve_rng_state, self.log_det, kwargs)
 
     def inverse(self, y, **kwargs):
-        """Rebuild the chain's input from its output ``y`` (no gradient; ``y`` is kept), given the
-        side inputs of the forward call."""
-        return invert_chain(tuple(self), y, kwargs)
+        """Rebuild the chain's input from its output ``y`` (``y`` is not modified), given the side
+        inputs of the forward call. With grad enabled it is differentiable with respect to
+        ``y``, the parameters and the side inputs, at the forward's cost (one autograd node
+        keeping only the result; backward runs the blocks forward again); without grad it
+        keeps nothing and leaves buffers untouched."""
+        return self._inverse(y, False, kwargs)
+
+    def inverse_and_log_det(self, y, **kwargs):
+        """``(x, log|det dx/dy|)`` per sample (dim 0 indexes samples): the inverse and the
+        negative of the forward's log-determinant at ``x``, both differentiable with grad
+        enabled (0 for additive blocks), as normalizing-flow libraries name it."""
+        return self._inverse(y, True, kwargs)
+
+    def _inverse(self, y, log_det, kwargs):
+        _check_no_block_hooks(self)
+        if not self.reversible and torch.is_grad_enabled():
+            return eager_chain(tuple(self), y, log_det, kwargs, INVERSE)
+        return inverse_chain(tuple(self), y, self.preserve_rng_state, log_det, kwargs)
 
 
 _HOOKS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",

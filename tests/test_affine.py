@@ -172,10 +172,12 @@ def _op_args(name, shape=(3, 5), per_sample=True):
         "affine_forward": lambda: (r(), r(), r(), torch.zeros(n) if per_sample else None, 1.5),
         "affine_inverse": lambda: (r(), r(), r(), 1.5),
         "affine_backward": lambda: (r(), r(), r(), r(), torch.empty(shape), torch.randn(n) if per_sample else None, 1.5),
+        "affine_inverse_backward": lambda: (r(), r(), r(), torch.empty(shape), torch.randn(n) if per_sample else None,
+                                            1.5),
     }[name]()
 
 
-AFFINE_OPS = ["affine_forward", "affine_inverse", "affine_backward"]
+AFFINE_OPS = ["affine_forward", "affine_inverse", "affine_backward", "affine_inverse_backward"]
 
 
 @pytest.mark.parametrize("name", AFFINE_OPS)

@@ -70,10 +70,12 @@ def test_inverse_of_forward_is_the_input_at_depth_32(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_inverse_does_not_touch_its_argument_or_batchnorm_statistics(device):
+    """Without grad (sampling); with grad, an inverse is a training step (tests/test_inverse.py)."""
     chain = conv_chain(3, device=device)
     y = randn(2, 4, 5, 5, device=device)
     y_before, stats_before = y.clone(), [b.clone() for b in chain.buffers()]
-    chain.inverse(y)
+    with torch.no_grad():
+        chain.inverse(y)
     assert torch.equal(y, y_before)
     assert all(torch.equal(a, b) for a, b in zip(chain.buffers(), stats_before))
 

@@ -70,10 +70,12 @@ def _op_args(name, shape=(3, 5)):
         "momentum_inverse": lambda: (r(), r(), BETA),
         "momentum_backward_x": lambda: (r(), r(), r(), r(), BETA),
         "momentum_backward_v": lambda: (r(), r(), r(), r(), r(), BETA),
+        "momentum_inverse_backward": lambda: (r(), r(), r(), r(), r(), r(), BETA),
     }[name]()
 
 
-MOMENTUM_OPS = ["momentum_forward", "momentum_inverse", "momentum_backward_x", "momentum_backward_v"]
+MOMENTUM_OPS = ["momentum_forward", "momentum_inverse", "momentum_backward_x", "momentum_backward_v",
+                "momentum_inverse_backward"]
 
 
 @pytest.mark.parametrize("name", MOMENTUM_OPS)
