@@ -25,9 +25,8 @@ A failure prints the shrunk configuration (``Config.describe()``) and what diffe
 import copy
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
