@@ -11,6 +11,7 @@ setup(
     packages=["revtriton", "revtriton.kernels", "revtriton.models"],
     # numpy: Triton's interpreter (TRITON_INTERPRET=1, the CPU path of the tests) needs it
     install_requires=["torch>=2.4", "numpy", "triton>=3.0; platform_system == 'Linux'"],
-    # test: wheel builds the wheel that tests/test_install.py installs; matplotlib draws the plot
-    extras_require={"test": ["pytest>=7", "wheel", "matplotlib"], "plot": ["matplotlib"]},
+    # test: wheel builds the wheel that tests/test_install.py installs; matplotlib draws the plot;
+    # hypothesis draws the random chains of tests/test_fuzz.py
+    extras_require={"test": ["pytest>=7", "wheel", "matplotlib", "hypothesis"], "plot": ["matplotlib"]},
 )
