@@ -19,8 +19,12 @@ from torch.utils import _pytree as pytree
 
 @functools.cache
 def _keywords(fn, skip):
-    """The keyword names ``fn`` takes after its first ``skip`` parameters, or None for ``**kwargs``."""
-    params = list(inspect.signature(fn).parameters.values())
+    """The keyword names ``fn`` takes after its first ``skip`` parameters, or None for ``**kwargs``.
+    A builtin without a signature (``torch.tanh``) takes none."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except ValueError:
+        return frozenset()
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return frozenset(p.name for p in params[skip:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))

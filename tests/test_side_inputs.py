@@ -246,3 +246,10 @@ def test_momentum_blocks_take_side_inputs():
     chain = rt.ReversibleSequential(*[rt.MomentumBlock(Conditioned(4), beta=0.8, dim=-1) for _ in range(3)])
     assert_same_step(chain, twin_of(chain), lambda m, x, c: m(x, cond=c),
                      [torch.randn(3, 8, requires_grad=True), torch.randn(3, 4, requires_grad=True)])
+
+
+def test_a_builtin_without_a_signature_as_f_takes_no_side_inputs():
+    chain = rt.ReversibleSequential(rt.ReversibleBlock(torch.tanh, Conditioned(2), dim=-1))
+    x, cond = torch.randn(3, 4, requires_grad=True), torch.randn(3, 2, requires_grad=True)
+    chain(x, cond=cond).sum().backward()
+    assert x.grad is not None and cond.grad is not None
