@@ -17,6 +17,7 @@ import weakref
 
 import torch
 
+from . import fsdp
 from .replay import Recorder, run_checked, run_side_effect_free
 from .side import NO_SIDE_INPUTS, SideInputs
 from .stream import from_stream, to_stream
@@ -61,32 +62,6 @@ def new_log_det(blocks, x):
                              f"block splitting dim={block.dim} of an input of shape {tuple(x.shape)}: expected "
                              f"dim 0 to index samples and every block to split another dimension")
     return torch.zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-
-
-def check_no_fsdp_unit_inside(blocks):
-    """Refuse FSDP2 units (``fully_shard``) inside the chain, before any state changes.
-
-    The chain runs its blocks without calling them and recomputes F and G in backward with
-    the parameters the forward used: FSDP hooks on a block are bypassed (its parameters stay
-    sharded) and those on F or G swap the parameters under the recompute (their gradients
-    would be silently lost). A unit enclosing the whole chain works: the ReversibleSequential,
-    a ReversibleBlock called on its own, or any module holding them.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-
-    for i, block in enumerate(blocks):
-        for name, module in block.named_modules():
-            # a block is fine as a unit when its own call gathered its parameters (block(x))
-            if isinstance(module, FSDPModule) and (name or any(isinstance(p, DTensor) for p in module.parameters())):
-                where = f"blocks[{i}]" + (f".{name}" if name else "")
-                raise RuntimeError(
-                    f"{where} ({type(module).__name__}) is an FSDP2 unit (fully_shard) inside a reversible "
-                    f"chain, whose hooks the chain bypasses when it runs and recomputes F and G itself; "
-                    f"apply fully_shard to the ReversibleSequential (or a module holding it) instead, "
-                    f"which gathers the chain's parameters around the whole chain")
 
 
 def trainable_parameters(blocks):
@@ -157,9 +132,10 @@ class ReversibleChainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, blocks, preserve_rng_state, log_det, side, n_params, *tensors):
         params, side_tensors = tensors[:n_params], tensors[n_params:]
+        units = fsdp.chain_units(blocks)  # FSDP2 units inside the blocks, which the chain drives
         recorder = Recorder(x.device, preserve_rng_state)
-        y, ld = _run_forward(blocks, x, recorder.forward, log_det, side)
-        ctx.blocks, ctx.recorder, ctx.side = blocks, recorder, side.without_tensors()
+        y, ld = _run_forward(blocks, x, recorder.forward, log_det, side, units)
+        ctx.blocks, ctx.recorder, ctx.side, ctx.units = blocks, recorder, side.without_tensors(), units
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
         # version-checked: modifying a side input or a parameter in place before backward raises
         ctx.save_for_backward(y, *side_tensors, *params)
@@ -195,24 +171,27 @@ class ReversibleChainFunction(torch.autograd.Function):
         wants_grad = ctx.needs_input_grad[6 + len(param_grads):]
         side = ctx.side.replaced([t.detach().requires_grad_(w) for t, w in zip(side_tensors, wants_grad)])
         vjp, side_grads = ctx.recorder.replay_reversed(side)
-        for block in reversed(ctx.blocks):
-            for p, g in block.backward_inplace(stream, grad, vjp, grad_log_det):
-                i = ctx.param_index.get(id(p))
-                if g is not None and i is not None:
-                    param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+        for b, block in reversed(list(enumerate(ctx.blocks))):
+            with fsdp.backward_block(ctx.units, b, vjp) as block_vjp:
+                for p, g in block.backward_inplace(stream, grad, block_vjp, grad_log_det):
+                    i = ctx.param_index.get(id(p))
+                    if g is not None and i is not None:
+                        param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
         del stream
         dx = from_stream(grad, dim) if ctx.needs_input_grad[0] else None
         ctx.freed_in_backward = False  # ended: autograd's own error guards a second backward
         return (dx, None, None, None, None, None, *param_grads, *side_grads)
 
 
-def _run_forward(blocks, x, run, log_det, side):
-    """``(y, log_det or None)``: the blocks run in place on a stream of ``x``."""
+def _run_forward(blocks, x, run, log_det, side, units=None):
+    """``(y, log_det or None)``: the blocks run in place on a stream of ``x`` (each gathering
+    its FSDP2 ``units``, :func:`revtriton.fsdp.chain_units`)."""
     dim = blocks[0].dim
     stream = to_stream(x, dim)
     ld = new_log_det(blocks, x) if log_det else None
     for i, block in enumerate(blocks):
-        block.forward_inplace(stream, runner(run, side, i), ld)
+        with fsdp.forward_block(units, i, run) as block_run:
+            block.forward_inplace(stream, runner(block_run, side, i), ld)
     return from_stream(stream, dim), ld
 
 
@@ -239,9 +218,7 @@ def _checked_side_inputs(blocks, x, kwargs):
     """The checks of a chain's call, before any state changes; returns its side inputs."""
     refuse_function_transforms()
     check_chain_input(blocks, x)
-    side = side_inputs(blocks, kwargs)
-    check_no_fsdp_unit_inside(blocks)
-    return side
+    return side_inputs(blocks, kwargs)
 
 
 @torch.compiler.disable
@@ -259,7 +236,7 @@ def _reversible_with_grad(blocks, x, preserve_rng_state, log_det, kwargs):
 def _forward_only(blocks, x, log_det, kwargs, side=None):
     """The chain's forward with nothing kept for a recompute (torch.compile traces through it)."""
     side = _checked_side_inputs(blocks, x, kwargs) if side is None else side
-    y, ld = _run_forward(blocks, x, run_checked, log_det, side)
+    y, ld = _run_forward(blocks, x, run_checked, log_det, side, fsdp.chain_units(blocks))
     return (y, ld) if log_det else y
 
 
@@ -296,9 +273,11 @@ def invert_chain(blocks, y, kwargs=None):
     side = side_inputs(blocks, kwargs)
     if not blocks:
         return y
+    units = fsdp.chain_units(blocks)
     stream = to_stream(y, blocks[0].dim)
     for i, block in reversed(list(enumerate(blocks))):
-        block.inverse_inplace(stream, runner(run_side_effect_free, side, i))
+        with fsdp.forward_block(units, i, run_side_effect_free) as block_run:
+            block.inverse_inplace(stream, runner(block_run, side, i))
     return from_stream(stream, blocks[0].dim)
 
 
