@@ -310,3 +310,53 @@ def _backward_block(units, i, vjp):
 
     yield block_vjp
     _post_backward(shared)
+
+
+def _held_bytes(groups):
+    """Bytes of unsharded parameters and unsharded gradients ``groups`` hold now."""
+    total = 0
+    for g in groups:
+        for fp in g.fsdp_params:
+            if hasattr(fp, "_unsharded_param"):
+                p = fp._unsharded_param
+                total += p.untyped_storage().nbytes()
+                if p.grad is not None:
+                    total += p.grad.untyped_storage().nbytes()
+            acc = getattr(fp, "unsharded_accumulated_grad", None)
+            if acc is not None:
+                total += acc.untyped_storage().nbytes()
+    return total
+
+
+@contextlib.contextmanager
+def track_unsharded(model):
+    """Within the block, ``peak[0]`` is the most bytes of unsharded parameters and gradients that
+    the FSDP2 units of ``model`` held at once, counted from FSDP's own storage after every gather
+    and as every reduce-scatter begins (measurement: ``python -m bench fsdp``)."""
+    fsdp = internals()
+    groups = [g for m in model.modules() if (s := fsdp.get_state(m)) is not None for g in fsdp.groups(s)]
+    groups = list(dict.fromkeys(groups))
+    cls = type(groups[0]) if groups else None
+    peak = [0]
+    if cls is None:
+        yield peak
+        return
+    wait, post = cls.wait_for_unshard, cls.post_backward
+
+    def sample():
+        peak[0] = max(peak[0], _held_bytes(groups))
+
+    def wait_for_unshard(self, *args, **kwargs):
+        out = wait(self, *args, **kwargs)
+        sample()
+        return out
+
+    def post_backward(self, *args, **kwargs):
+        sample()
+        return post(self, *args, **kwargs)
+
+    cls.wait_for_unshard, cls.post_backward = wait_for_unshard, post_backward
+    try:
+        yield peak
+    finally:
+        cls.wait_for_unshard, cls.post_backward = wait, post
