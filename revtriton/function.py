@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from . import fsdp
 from .replay import Recorder, run_checked, run_side_effect_free
 from .side import NO_SIDE_INPUTS, SideInputs
 from .stream import from_stream, to_stream
@@ -84,32 +85,6 @@ def new_log_det(blocks, x):
                              f"block splitting dim={block.dim} of an input of shape {tuple(x.shape)}: expected "
                              f"dim 0 to index samples and every block to split another dimension")
     return torch.zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-
-
-def check_no_fsdp_unit_inside(blocks):
-    """Refuse FSDP2 units (``fully_shard``) inside the chain, before any state changes.
-
-    The chain runs its blocks without calling them and recomputes F and G in backward with
-    the parameters the forward used: FSDP hooks on a block are bypassed (its parameters stay
-    sharded) and those on F or G swap the parameters under the recompute (their gradients
-    would be silently lost). A unit enclosing the whole chain works: the ReversibleSequential,
-    a ReversibleBlock called on its own, or any module holding them.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-
-    for i, block in enumerate(blocks):
-        for name, module in block.named_modules():
-            # a block is fine as a unit when its own call gathered its parameters (block(x))
-            if isinstance(module, FSDPModule) and (name or any(isinstance(p, DTensor) for p in module.parameters())):
-                where = f"blocks[{i}]" + (f".{name}" if name else "")
-                raise RuntimeError(
-                    f"{where} ({type(module).__name__}) is an FSDP2 unit (fully_shard) inside a reversible "
-                    f"chain, whose hooks the chain bypasses when it runs and recomputes F and G itself; "
-                    f"apply fully_shard to the ReversibleSequential (or a module holding it) instead, "
-                    f"which gathers the chain's parameters around the whole chain")
 
 
 def trainable_parameters(blocks):
@@ -182,9 +157,11 @@ class ReversibleChainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, blocks, direction, preserve_rng_state, log_det, side, n_params, *tensors):
         params, side_tensors = tensors[:n_params], tensors[n_params:]
+        units = fsdp.chain_units(blocks)  # FSDP2 units inside the blocks, which the chain drives
         recorder = Recorder(x.device, preserve_rng_state)
-        y, ld = run_chain(blocks, x, recorder.forward, log_det, side, direction)
+        y, ld = run_chain(blocks, x, recorder.forward, log_det, side, direction, units)
         ctx.blocks, ctx.direction, ctx.recorder, ctx.side = blocks, direction, recorder, side.without_tensors()
+        ctx.units = units
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
         # version-checked: modifying a side input or a parameter in place before backward raises
         ctx.save_for_backward(y, *side_tensors, *params)
@@ -220,24 +197,27 @@ class ReversibleChainFunction(torch.autograd.Function):
         wants_grad = ctx.needs_input_grad[7 + len(param_grads):]
         side = ctx.side.replaced([t.detach().requires_grad_(w) for t, w in zip(side_tensors, wants_grad)])
         vjp, side_grads = ctx.recorder.replay_reversed(side)
-        for _, block in reversed(in_order(ctx.blocks, ctx.direction)):
-            for p, g in getattr(block, ctx.direction.back)(stream, grad, vjp, grad_log_det):
-                i = ctx.param_index.get(id(p))
-                if g is not None and i is not None:
-                    param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+        for b, block in reversed(in_order(ctx.blocks, ctx.direction)):
+            with fsdp.backward_block(ctx.units, b, vjp) as block_vjp:
+                for p, g in getattr(block, ctx.direction.back)(stream, grad, block_vjp, grad_log_det):
+                    i = ctx.param_index.get(id(p))
+                    if g is not None and i is not None:
+                        param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
         del stream
         dx = from_stream(grad, dim) if ctx.needs_input_grad[0] else None
         ctx.freed_in_backward = False  # ended: autograd's own error guards a second backward
         return (dx, None, None, None, None, None, None, *param_grads, *side_grads)
 
 
-def run_chain(blocks, x, run, log_det, side, direction=FORWARD):
-    """``(y, log_det or None)``: the blocks run in place on a stream of ``x``, in ``direction``."""
+def run_chain(blocks, x, run, log_det, side, direction=FORWARD, units=None):
+    """``(y, log_det or None)``: the blocks run in place on a stream of ``x``, in ``direction``
+    (each gathering its FSDP2 ``units``, :func:`revtriton.fsdp.chain_units`)."""
     dim = blocks[0].dim
     stream = to_stream(x, dim)
     ld = new_log_det(blocks, x) if log_det else None
     for i, block in in_order(blocks, direction):
-        getattr(block, direction.step)(stream, runner(run, side, i), ld)
+        with fsdp.forward_block(units, i, run) as block_run:
+            getattr(block, direction.step)(stream, runner(block_run, side, i), ld)
     return from_stream(stream, dim), ld
 
 
@@ -281,9 +261,7 @@ def _checked_side_inputs(blocks, x, kwargs):
     """The checks of a chain's call, before any state changes; returns its side inputs."""
     refuse_function_transforms()
     check_chain_input(blocks, x)
-    side = side_inputs(blocks, kwargs)
-    check_no_fsdp_unit_inside(blocks)
-    return side
+    return side_inputs(blocks, kwargs)
 
 
 @torch.compiler.disable
@@ -303,7 +281,7 @@ def _without_grad(blocks, x, log_det, kwargs, direction, side=None):
     side = _checked_side_inputs(blocks, x, kwargs) if side is None else side
     if not blocks:
         return (x, new_log_det(blocks, x)) if log_det else x
-    y, ld = run_chain(blocks, x, direction.run_without_grad, log_det, side, direction)
+    y, ld = run_chain(blocks, x, direction.run_without_grad, log_det, side, direction, fsdp.chain_units(blocks))
     return (y, ld) if log_det else y
 
 

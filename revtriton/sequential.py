@@ -5,6 +5,7 @@ from torch import nn
 
 import torch
 
+from .fsdp import is_unit
 from .function import INVERSE, eager_chain, inverse_chain, reversible_chain
 
 
@@ -129,11 +130,9 @@ _HOOKS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward h
 def _check_no_block_hooks(chain):
     """Refuse module hooks on a block inside ``chain``: the chain runs each block's F and G
     itself and never calls the block, so such a hook would silently never fire."""
-    from torch.distributed.fsdp import FSDPModule  # refused with its own error by the chain
-
     for i, block in enumerate(chain):
         kinds = [kind for attr, kind in _HOOKS.items() if getattr(block, attr, None)]
-        if kinds and not isinstance(block, FSDPModule):
+        if kinds and not is_unit(block):  # FSDP2's hooks: the chain drives the unit itself
             raise RuntimeError(
                 f"blocks[{i}] ({type(block).__name__}) has a {kinds[0]}, which never fires inside a "
                 f"ReversibleSequential: the chain runs the block's F and G itself, without calling the block. "

@@ -124,15 +124,43 @@ def _ddp(**kwargs):
     return wrap
 
 
-def _fsdp(units):
+def _fsdp(units, root=True, **kwargs):
+    """fully_shard on each module of ``units(model)`` (a list: one unit of several modules), then
+    on the model (the root) unless ``root=False``; ``kwargs`` (e.g. reshard_after_forward) go to
+    the inner units, and ``mp_policy`` to every unit."""
     def wrap(model):
         from torch.distributed.fsdp import fully_shard
 
         for module in units(model):
-            fully_shard(module)
-        fully_shard(model)
+            fully_shard(module, **kwargs)
+        if root:
+            fully_shard(model, **{k: v for k, v in kwargs.items() if k == "mp_policy"})
         return model, model
     return wrap
+
+
+def _mixed_precision(units, root_policy=True):
+    """_fsdp with bf16 parameters and fp32 gradient reduction (the root's too if ``root_policy``)."""
+    def wrap(model):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for module in units(model):
+            fully_shard(module, mp_policy=policy)
+        fully_shard(model, **({"mp_policy": policy} if root_policy else {}))
+        return model, model
+    return wrap
+
+
+def blocks(model):
+    """The reversible blocks of a Model or a Seq2Seq (encoder and decoder)."""
+    chains = [model.chain] if isinstance(model, Model) else [model.model.encoder, model.model.decoder]
+    return [b for chain in chains for b in chain]
+
+
+def fs_and_gs(model):
+    """Each distinct F and G module (a module used twice is listed once)."""
+    return list(dict.fromkeys(m for b in blocks(model) for m in (b.f, b.g)))
 
 
 SCENARIOS = {  # name: (wrapper, Model's keyword arguments)
@@ -143,8 +171,51 @@ SCENARIOS = {  # name: (wrapper, Model's keyword arguments)
     "fsdp2_chain": (_fsdp(lambda m: [m.chain]), {}),
     "fsdp2_per_block": (_fsdp(lambda m: list(m.chain)), {"shared": False}),
     "fsdp2_per_block_called_alone": (_fsdp(lambda m: list(m.chain)), {"shared": False, "one_chain": False}),
-    "fsdp2_per_f_and_g": (_fsdp(lambda m: [u for b in m.chain for u in (b.f, b.g)]), {"shared": False}),
+    "fsdp2_per_f_and_g": (_fsdp(fs_and_gs), {"shared": False}),
+    # the units below lie inside the chain: the chain drives their gathers and reduce-scatters
+    "fsdp2_per_f_and_g_shared": (_fsdp(fs_and_gs), {}),  # blocks[0].f is blocks[2].g
+    "fsdp2_nested": (_fsdp(lambda m: [b.f[0] for b in m.chain] + [m.chain[1].g]), {}),
+    "fsdp2_per_block_and_chain": (_fsdp(lambda m: list(m.chain) + [m.chain]), {"shared": False}),
+    "fsdp2_per_block_no_reshard": (_fsdp(blocks, reshard_after_forward=False), {"shared": False}),
+    "fsdp2_per_block_side_inputs": (_fsdp(blocks), {"seq2seq": True}),
+    "fsdp2_per_f_and_g_side_inputs": (_fsdp(fs_and_gs), {"seq2seq": True}),
+    "fsdp2_per_block_accumulate": (_fsdp(blocks), {"shared": False}),
+    "fsdp2_per_f_and_g_accumulate": (_fsdp(fs_and_gs), {}),
+    "fsdp2_root_mixed_precision": (_mixed_precision(lambda m: []), {}),
+    "fsdp2_per_block_mixed_precision": (_mixed_precision(blocks), {"shared": False}),
+    "fsdp2_per_f_and_g_mixed_precision": (_mixed_precision(fs_and_gs), {}),
+    "fsdp2_per_block_mixed_precision_fp32_root": (_mixed_precision(blocks, root_policy=False), {"shared": False}),
+    "fsdp2_per_block_inverse": (_fsdp(blocks), {"shared": False}),
+    # refused before anything runs
+    "fsdp2_per_block_no_root": (_fsdp(blocks, root=False), {"shared": False}),
+    "fsdp2_unit_with_a_module_outside": (_fsdp(lambda m: [[m.chain[0].f, m.head]]), {"shared": False}),
 }
+
+
+def _accumulate(name, wrapped, model, x, params):
+    """Two backwards without zeroing, the first without gradient sync: twice one step's gradients."""
+    for p in model.parameters():
+        p.grad = None
+    for sync in (False, True):
+        model.set_requires_gradient_sync(sync)
+        loss_fn(wrapped(x)).backward()
+    return {"grads": {name: _full(p.grad) for name, p in params}}
+
+
+def _inverse(name, wrapped, model, x, params):
+    """A training step, then the chain's forward without grad and its inverse on the stem's
+    output, next to an unwrapped copy's forward (``expected``)."""
+    _step(wrapped, x, params)
+    twin = make_model(**SCENARIOS[name][1])
+    with torch.no_grad():
+        h = twin.stem(x)
+        expected = twin.chain(h)
+        y = model.chain(h)
+        return {"input": h, "output": y, "expected": expected, "inverse": model.chain.inverse(y)}
+
+
+RUNNERS = {name: _accumulate for name in SCENARIOS if name.endswith("_accumulate")}
+RUNNERS.update({name: _inverse for name in SCENARIOS if name.endswith("_inverse")})
 
 
 def run_scenario(name, rank, world):
@@ -152,6 +223,8 @@ def run_scenario(name, rank, world):
     wrapped, model = wrap(make_model(**model_kwargs))
     x = batch(model).chunk(world)[rank]
     params = list(model.named_parameters())
+    if name in RUNNERS:
+        return RUNNERS[name](name, wrapped, model, x, params)
     # a second step fails under DDP if its reduction after the first did not finish
     steps = [_step(wrapped, x, params) for _ in range(2)]
     return {"grads": steps[-1][0], "counts": [s[1] for s in steps]}
