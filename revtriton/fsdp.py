@@ -280,7 +280,7 @@ def _post_backward(units):
 
 
 def backward_block(units, i, vjp):
-    """A context giving the ``vjp(module, x, grad)`` that block ``i`` recomputes its F/G calls
+    """A context giving the ``vjp(module, x, grad, negate)`` that block ``i`` recomputes its F/G calls
     with in the chain's backward: each call's units gathered around it, their gradients handed
     to FSDP (reduce-scattered) as soon as the call's backward is done, and left out of the
     ``[(param, grad)]`` it returns; the block's shared units the same around the whole block.
@@ -295,7 +295,7 @@ def _backward_block(units, i, vjp):
     _gather(shared)
     shared_ids = {k: u for u in shared for k in u.unsharded()}
 
-    def block_vjp(module, x, grad):
+    def block_vjp(module, x, grad, negate=False):
         key = (i, id(module))
         own = units.calls.get(key, [])
         _gather(own)
@@ -303,7 +303,7 @@ def _backward_block(units, i, vjp):
         if dtype is not None and x.is_floating_point():
             x = x.to(dtype)
         with _training_state(units.states.get(key, []), pre_backward):
-            out, grad_x, params = vjp(module, x, grad)
+            out, grad_x, params = vjp(module, x, grad, negate)
         mine = dict(shared_ids)
         for u in own:
             for k in u.unsharded():

@@ -209,12 +209,13 @@ def test_torch_loses_a_snapshot_of_a_graph_input_between_two_mutating_ops(op):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_inverse_compiles_fullgraph_and_leaves_buffers_alone(device):
-    """``inverse`` is not behind torch.compiler.disable: it traces into one graph."""
+    """``inverse`` without grad (sampling) is not behind torch.compiler.disable: it traces into
+    one graph. (With grad it is a training step, one autograd node, like the forward.)"""
     chain = Net().chain.to(device)
     x = randn(2, 4, 5, 5, device=device)
     with torch.no_grad():
         y = chain(x)
-    buffers = [b.clone() for b in chain.buffers()]
-    rebuilt = torch.compile(chain.inverse, fullgraph=True, backend="inductor")(y)
+        buffers = [b.clone() for b in chain.buffers()]
+        rebuilt = torch.compile(chain.inverse, fullgraph=True, backend="inductor")(y)
     assert rel_err(rebuilt, x) <= 1e-5
     assert all(torch.equal(b, saved) for b, saved in zip(chain.buffers(), buffers))  # BatchNorm stats
