@@ -103,8 +103,16 @@ def accumulator(tensors):
 @triton.jit
 def tile(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's rows and columns (int64 vectors) and the mask of its tile's elements."""
-    pid = tl.program_id(0)
-    col_tiles = tl.cdiv(n_cols, BLOCK_C)
+    return tile_of(tl.program_id(0), n_rows, n_cols, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def tile_of(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The rows and columns (int64 vectors) of tile ``pid`` and the mask of its elements: tile
+    ``pid`` covers rows ``pid // col_tiles`` and columns ``pid % col_tiles`` in blocks, with
+    ``col_tiles = ceil(n_cols / BLOCK_C)`` formed as ``(n_cols - 1) // BLOCK_C + 1`` (n_cols >= 1):
+    ``tl.cdiv`` adds ``BLOCK_C - 1`` first, which wraps in int32 for a row within BLOCK_C of 2**31."""
+    col_tiles = (n_cols - 1) // BLOCK_C + 1
     rows = (pid // col_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (pid % col_tiles).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     return rows, cols, (rows < n_rows)[:, None] & (cols < n_cols)[None, :]

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from revtriton import kernels
 from revtriton.kernels import layout
@@ -141,6 +142,40 @@ def test_short_rows_are_stacked_into_one_tile():
 def test_a_grid_beyond_the_launch_limit_is_refused():
     with pytest.raises(ValueError, match="need 4294967296 programs; a launch takes at most 2147483647"):
         layout.tiling(2**44, 1)
+
+
+@triton.jit
+def _tiles_of(pids_ptr, rows_ptr, cols_ptr, mask_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Store the rows, columns and mask of tile ``pids[i]`` (as ``tile`` computes them) at ``i``."""
+    i = tl.program_id(0)
+    rows, cols, mask = layout.tile_of(tl.load(pids_ptr + i), n_rows, n_cols, BLOCK_R, BLOCK_C)
+    tl.store(rows_ptr + i * BLOCK_R + tl.arange(0, BLOCK_R), rows)
+    tl.store(cols_ptr + i * BLOCK_C + tl.arange(0, BLOCK_C), cols)
+    tl.store(mask_ptr + i * BLOCK_R * BLOCK_C + tl.arange(0, BLOCK_R)[:, None] * BLOCK_C
+             + tl.arange(0, BLOCK_C)[None, :], mask.to(tl.int8))
+
+
+def test_last_tiles_of_a_row_near_2_31_elements_cover_exactly_its_last_columns():
+    """Rows of 2**31 - 100 fp16 elements: ceil(n_cols / BLOCK_C) formed as n_cols + BLOCK_C - 1
+    wraps in int32, and the last programs of such a launch re-added tile 0 instead of writing the
+    row's end. The last programs are replayed here without allocating the rows."""
+    n_rows, n_cols = 2, 2**31 - 100
+    acc_bytes = layout.accumulator([torch.empty(0, dtype=torch.float16)]).primitive_bitwidth // 8
+    block_r, block_c, _, programs = layout.tiling(n_rows, n_cols, acc_bytes)
+    col_tiles = triton.cdiv(n_cols, block_c)
+    assert block_r == 1 and programs == n_rows * col_tiles
+    pids = torch.tensor([0, col_tiles - 2, col_tiles - 1, programs - 2, programs - 1], dtype=torch.int32)
+    rows = torch.empty(len(pids), block_r, dtype=torch.int64)
+    cols = torch.empty(len(pids), block_c, dtype=torch.int64)
+    mask = torch.empty(len(pids), block_r, block_c, dtype=torch.int8)
+    _tiles_of[(len(pids),)](pids, rows, cols, mask, n_rows, n_cols, BLOCK_R=block_r, BLOCK_C=block_c)
+    assert rows.flatten().tolist() == [0, 0, 0, 1, 1]
+    second_last, last = (col_tiles - 2) * block_c, (col_tiles - 1) * block_c
+    starts = torch.tensor([0, second_last, last, second_last, last])
+    assert torch.equal(cols, starts[:, None] + torch.arange(block_c))
+    assert torch.equal(mask[:, 0].bool(), cols < n_cols)
+    for end in (cols[1:3][mask[1:3, 0].bool()], cols[3:][mask[3:, 0].bool()]):  # rows 0 and 1
+        assert torch.equal(end, torch.arange(second_last, n_cols))
 
 
 def test_per_sample_rows_never_span_two_samples():
