@@ -86,10 +86,67 @@ def test_strided_mutated_operand_is_handled():
     assert_close_to_reference(a, expected)
 
 
-def test_transposed_mutated_operand_is_refused_with_a_clear_error():
+def test_a_written_tensor_is_addressed_in_its_own_memory_order():
+    """A transposed written tensor is dense in its own order: the contiguous operand read with
+    it is copied into that order, once, and the result is exact."""
     a = torch.randn(5, 6).t()
-    with pytest.raises(ValueError, match="strided rows"):
-        kernels.add_(a, torch.randn(6, 5))
+    b = torch.randn(6, 5)
+    expected = a.double() + b.double()
+    kernels.add_(a, b)
+    assert_close_to_reference(a, expected)
+    n_rows, n_cols, (_, copy), strides = layout.row_layout([a, b], (0,))
+    assert (n_rows, n_cols, strides) == (1, 30, [0, 0]) and copy.stride() == a.stride()
+
+
+def test_written_tensors_of_two_memory_layouts_are_refused_with_a_clear_error():
+    a, c = torch.randn(6, 5), torch.randn(5, 6).t()
+    with pytest.raises(ValueError, match=r"strided rows, in the memory order of the first one \(strides \(5, 1\)\); "
+                                         r"got shape \(6, 5\) with strides \(1, 6\)"):
+        kernels.sub_add_(a, torch.randn(6, 5), c, torch.randn(6, 5))
+
+
+def test_a_read_tensor_that_limits_a_written_ones_rows_is_copied():
+    """``a`` is rows of 12 elements 24 apart; ``b`` has unit stride along its last dim only, so
+    rows of 4 would not be evenly spaced in ``a``: ``b`` is copied, not ``a`` refused."""
+    a = torch.randn(2, 6, 4)[:, :3]
+    b = torch.randn(2, 3, 8)[..., :4]
+    expected = a.double() + b.double()
+    assert layout.row_layout([a, b], (0,))[:2] == (2, 12)
+    kernels.add_(a, b)
+    assert_close_to_reference(a, expected)
+
+
+def _channels_last_halves():
+    """The halves of a chain's stream of a channels_last input, and a conv's output on one."""
+    x = torch.randn(2, 6, 3, 5).to(memory_format=torch.channels_last)
+    stream = torch.stack(halves(x, 1))
+    f = torch.nn.Conv2d(3, 3, 1)(stream[1])
+    assert stream[0].is_contiguous(memory_format=torch.channels_last) and not stream[0].is_contiguous()
+    assert f.is_contiguous(memory_format=torch.channels_last)
+    return stream, f
+
+
+@pytest.mark.parametrize("keep_samples", [False, True])
+def test_channels_last_halves_are_addressed_as_they_are_without_a_copy(keep_samples):
+    stream, f = _channels_last_halves()
+    tensors = [stream[0], stream[1], f.detach()]
+    n_rows, n_cols, addressed, strides = layout.row_layout(tensors, (0, 1), keep_samples=keep_samples)
+    assert all(a is t for a, t in zip(addressed, tensors))
+    assert (n_rows, n_cols, strides) == ((2, 45, [45, 45, 45]) if keep_samples else (1, 90, [0, 0, 0]))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: halves(torch.randn(2, 6, 3, 5).to(memory_format=torch.channels_last), 1),
+    lambda: halves(torch.randn(3, 5, 2, 6).permute(2, 3, 0, 1), 1),
+    lambda: halves(torch.randn(2, 16, 5).transpose(1, 2), -1),
+], ids=["channels_last", "permuted-4d", "transposed-tokens"])
+def test_halves_of_any_memory_format_are_computed_in_place(make):
+    x1, x2 = make()
+    b = torch.randn(x1.shape)
+    x2_before, expected = x2.clone(), x1.double() + b.double()
+    kernels.add_(x1, b)
+    assert_close_to_reference(x1, expected)
+    assert torch.equal(x2, x2_before)
 
 
 def test_empty_tensors_are_a_no_op():
