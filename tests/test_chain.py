@@ -178,6 +178,30 @@ def test_backward_keeps_the_output_storage_when_anything_can_still_read_it(keep,
     assert torch.equal(kept.detach(), expected[-kept.shape[0]:])  # intact: the view is y[1:]
 
 
+def test_an_output_saved_as_itself_is_kept_while_the_caller_holds_it(monkeypatch):
+    """With saved-tensor hooks that keep the output itself, its storage has no more references
+    in backward than an output only autograd holds: the weak reference to the output
+    (``output() is not None`` in release_if_unshared) is all that tells the caller still holds it."""
+    from revtriton import function
+
+    storage_alone_says_unshared, released, real = [], [], function.release_if_unshared
+
+    def spy(saved, output):
+        storage_alone_says_unshared.append(function._storage_refs(saved) <= function._unshared_refs())
+        released.append(real(saved, output))
+        return released[-1]
+
+    monkeypatch.setattr(function, "release_if_unshared", spy)
+    chain = conv_chain(3)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        y = chain(x)
+    expected = y.detach().clone()
+    loss_of(y).backward()
+    assert storage_alone_says_unshared == [True] and released == [False]
+    assert torch.equal(y.detach(), expected)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_frees_the_output_storage_once_nothing_else_can_read_it(device, monkeypatch):
     released = _spy_on_release(monkeypatch)
