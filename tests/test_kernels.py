@@ -259,3 +259,61 @@ def test_cuda_halves_of_n_by_2_beyond_2_31_rows():
     x1, x2 = halves(x, 1)
     kernels.add_(x2, b)
     assert x2[-8:].eq(1).all() and x2[:8].eq(1).all() and x1[-8:].eq(0).all()
+
+
+def _c(value):
+    """A float argument as the kernels hold it: rounded to fp32 (``tl.full((), value, ACC)``)."""
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _soft_clamp_tanh(s, clamp):
+    """tanh(s / clamp) as the affine kernels form it: one exp of -2|x|, x = s * (1 / clamp)."""
+    x = s * (1 / _c(clamp))
+    z = torch.exp(-2 * x.abs())
+    return torch.where(x < 0, -(1 - z) / (1 + z), (1 - z) / (1 + z))
+
+
+def _affine_backward(y, dy, s, t, ld_grad, clamp):
+    th = _soft_clamp_tanh(s, clamp)
+    scale, shifted = torch.exp(_c(clamp) * th), y - t
+    return {0: shifted / scale, 1: dy * scale, 4: (dy * shifted + ld_grad[:, None]) * (1 - th * th)}
+
+
+def _momentum_forward(x, v, f, beta):
+    v = _c(beta) * v + _c(1 - beta) * f
+    return {0: x + v, 1: v}
+
+
+# Each op's tensor operands (same shape), its other arguments, and its arithmetic in fp32 as
+# the kernel does it: the values of the written operands by index.
+OPS = {
+    "coupling_forward": (2, (), lambda a, b: {0: a + b}),
+    "coupling_inverse": (2, (), lambda a, b: {0: a - b}),
+    "coupling_backward": (4, (), lambda a, b, c, d: {0: a - b, 2: c + d}),
+    "affine_forward": (3, (None, 2.0), lambda x, s, t: {0: x * torch.exp(2.0 * _soft_clamp_tanh(s, 2.0)) + t}),
+    "affine_inverse": (3, (2.0,), lambda y, s, t: {0: (y - t) / torch.exp(2.0 * _soft_clamp_tanh(s, 2.0))}),
+    "affine_backward": (5, (torch.linspace(-1, 1, 4), 2.0),
+                        lambda y, dy, s, t, ds: _affine_backward(y, dy, s, t, torch.linspace(-1, 1, 4), 2.0)),
+    "momentum_forward": (3, (0.9,), lambda x, v, f: _momentum_forward(x, v, f, 0.9)),
+    "momentum_inverse": (2, (0.9,), lambda v, f: {0: (v - _c(0.1) * f) * (1 / _c(0.9))}),
+    "momentum_backward_x": (4, (0.9,), lambda x, v, dx, dv: {0: x - v, 3: _c(0.1) * (dx + dv)}),
+    "momentum_backward_v": (5, (0.9,), lambda v, f, dx, fx, dv: {0: (v - _c(0.1) * f) * (1 / _c(0.9)), 2: dx + fx,
+                                                                   4: dv * (_c(0.9) / _c(0.1))}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", OPS)
+def test_half_precision_results_are_the_fp32_computation_rounded_once(name, dtype):
+    """The kernels accumulate in fp32 (DESIGN.md): each written operand equals the kernel's
+    arithmetic done in fp32 and rounded once, bitwise in fp16 and within one bf16 ulp in bf16
+    (the interpreter truncates bf16 stores). Arithmetic in fp16 would round at each step."""
+    n_tensors, extra, fp32 = OPS[name]
+    tensors = [torch.randn(4, 33).to(dtype) for _ in range(n_tensors)]
+    expected = fp32(*[t.float() for t in tensors])
+    getattr(torch.ops.revtriton, name)(*tensors, *extra)
+    for i, value in expected.items():
+        if dtype == torch.float16:
+            assert torch.equal(tensors[i], value.to(dtype)), i
+        else:
+            assert ((tensors[i].float() - value).abs() <= torch.finfo(dtype).eps * value.abs()).all(), i
