@@ -1,8 +1,10 @@
 """Address same-shaped tensors as ``n_rows`` rows of ``n_cols`` contiguous elements, in tiles.
 
-A half of a contiguous tensor split along ``dim`` is such a view: the dimensions before
-``dim`` collapse into rows, the half's slice of ``dim`` and everything after it is one
-contiguous run per row. Each tensor keeps its own row stride.
+Dimensions are taken in the memory order of the (first) written tensor, outermost first, so
+any memory format (channels_last, a permuted tensor) is addressed as it lies. A half of a
+dense tensor split along ``dim`` is then such a view: the dimensions outside ``dim`` collapse
+into rows, the half's slice of ``dim`` and everything inside it is one contiguous run per
+row. Each tensor keeps its own row stride.
 
 A kernel program handles one tile of ``BLOCK_R`` rows by ``BLOCK_C`` columns, at most 4096
 elements (2048 in fp64: 64 bytes of each operand per thread of 8 warps, four 128-bit
@@ -47,18 +49,28 @@ def _row_stride(t, outer):
     return stride
 
 
+def _copy_in_order(t, dims):
+    """A copy of ``t`` whose elements lie in the order of ``dims``, outermost first (the
+    other dims have size 1)."""
+    order = [d for d in range(t.ndim) if d not in dims] + list(dims)
+    return t.permute(order).contiguous().permute([order.index(d) for d in range(t.ndim)])
+
+
 def row_layout(tensors, mutated, keep_samples=False):
     """Return ``(n_rows, n_cols, tensors, row_strides)`` addressing every tensor as rows.
 
     ``tensors`` share one shape; those at the indices in ``mutated`` are written in place and
-    must be addressable as they are. Any other tensor without a shared row layout is replaced
-    by a contiguous copy in the returned list. With ``keep_samples``, dim 0 (the sample) is
-    never merged into a row, so each row lies in one sample and rows ``i * n_rows / N`` to
-    ``(i + 1) * n_rows / N - 1`` are sample ``i``'s. Raises ValueError for a mutated tensor that
-    cannot be addressed (for example a transposed view).
+    must be addressable as they are, in the memory order of ``tensors[mutated[0]]`` (its dims
+    by decreasing stride). Any other tensor without that row layout is replaced by a copy laid
+    out in that order in the returned list; the others are returned as they are. With
+    ``keep_samples``, dim 0 (the sample) is outermost and never merged into a row, so each row
+    lies in one sample and rows ``i * n_rows / N`` to ``(i + 1) * n_rows / N - 1`` are sample
+    ``i``'s. Raises ValueError for a written tensor that cannot be addressed so (for example a
+    transposed view written along with a contiguous tensor).
     """
-    shape = tensors[0].shape
-    dims = [d for d, size in enumerate(shape) if size != 1]
+    shape, order = tensors[0].shape, tensors[mutated[0]].stride()
+    dims = sorted((d for d, size in enumerate(shape) if size != 1),
+                  key=lambda d: (keep_samples and d != 0, -order[d]))
     innermost = len(dims) - (1 if keep_samples and dims and dims[0] == 0 else 0)
     tensors = list(tensors)
     while True:
@@ -69,16 +81,20 @@ def row_layout(tensors, mutated, keep_samples=False):
         if not bad:
             n_cols = math.prod(shape[d] for d in dims[len(outer):])
             return math.prod(shape[d] for d in outer), n_cols, tensors, strides
-        if any(i in mutated for i in bad) and all(tensors[i].is_contiguous() for i in bad if i not in mutated):
+        dense = [_trailing_contiguous(t, dims) == len(dims) for t in tensors]
+        written_bad = any(i in mutated for i in bad)
+        if written_bad and all(dense[i] for i in range(len(tensors)) if i not in mutated):
             strides = [_row_stride(t, dims) for t in tensors]  # rows of one element: halves of (N, 2)
             if None not in strides:
                 return math.prod(shape[d] for d in dims), 1, tensors, strides
             i = strides.index(None)
             raise ValueError(
-                f"in-place coupling needs a tensor addressable as strided rows with unit stride "
-                f"inside each row; got shape {tuple(shape)} with strides {tensors[i].stride()}: "
-                f"make the stream tensor contiguous")
-        tensors = [t.contiguous() if i not in mutated else t for i, t in enumerate(tensors)]
+                f"in-place coupling needs every written tensor addressable as strided rows, in the memory "
+                f"order of the first one (strides {order}); got shape {tuple(shape)} with strides "
+                f"{tensors[i].stride()}: give the written tensors one memory layout")
+        # copy the read tensors in the way: the bad ones, or all that limit a written one's rows
+        tensors = [_copy_in_order(t, dims) if i not in mutated and not dense[i] and (written_bad or i in bad) else t
+                   for i, t in enumerate(tensors)]
 
 
 def tiling(n_rows, n_cols, acc_bytes=4):
@@ -103,8 +119,16 @@ def accumulator(tensors):
 @triton.jit
 def tile(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's rows and columns (int64 vectors) and the mask of its tile's elements."""
-    pid = tl.program_id(0)
-    col_tiles = tl.cdiv(n_cols, BLOCK_C)
+    return tile_of(tl.program_id(0), n_rows, n_cols, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def tile_of(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The rows and columns (int64 vectors) of tile ``pid`` and the mask of its elements: tile
+    ``pid`` covers rows ``pid // col_tiles`` and columns ``pid % col_tiles`` in blocks, with
+    ``col_tiles = ceil(n_cols / BLOCK_C)`` formed as ``(n_cols - 1) // BLOCK_C + 1`` (n_cols >= 1):
+    ``tl.cdiv`` adds ``BLOCK_C - 1`` first, which wraps in int32 for a row within BLOCK_C of 2**31."""
+    col_tiles = (n_cols - 1) // BLOCK_C + 1
     rows = (pid // col_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (pid % col_tiles).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     return rows, cols, (rows < n_rows)[:, None] & (cols < n_cols)[None, :]

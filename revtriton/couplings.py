@@ -104,7 +104,7 @@ class AffineBlock(_Coupling):
         del t_y1  # freed before the recompute of s
 
         def scale_grad(s):  # x2, dx2 = dy2 * exp(s_c) and dL/ds in one pass
-            ds = torch.empty_like(s, memory_format=torch.contiguous_format)
+            ds = torch.empty_like(y2, dtype=s.dtype)  # in the stream's layout, as the kernels need
             ops.affine_backward(y2, dy2, s, t, ds, log_det_grad, self.clamp)
             return ds
 

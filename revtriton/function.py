@@ -192,7 +192,7 @@ class ReversibleChainFunction(torch.autograd.Function):
         stream = to_stream(y, dim)  # becomes each block's input in turn
         ctx.freed_in_backward = release_if_unshared(y, ctx.output)  # until this backward ends
         del y
-        grad = to_stream(grad_y, dim)
+        grad = to_stream(grad_y, dim, like=stream)
         param_grads = [None] * len(ctx.param_index)
         wants_grad = ctx.needs_input_grad[7 + len(param_grads):]
         side = ctx.side.replaced([t.detach().requires_grad_(w) for t, w in zip(side_tensors, wants_grad)])

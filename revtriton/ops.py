@@ -60,6 +60,59 @@ def _check(op, names, args, per_sample=()):
                              f"the device of {names[0]}")
 
 
+# PyTorch's own errors for in-place ops on overlapping memory (ATen's MemoryOverlap.cpp)
+INTERNAL_OVERLAP = ("unsupported operation: more than one element of the written-to tensor refers to a single "
+                    "memory location. Please clone() the tensor before performing the operation.")
+PARTIAL_OVERLAP = ("unsupported operation: some elements of the input tensor and the written-to tensor refer to "
+                   "a single memory location. Please clone() the tensor before performing the operation.")
+
+
+def _dense(t):
+    """ATen's ``is_non_overlapping_and_dense``: sorted by stride, each dim's stride is the
+    product of the sizes below it (dims of size 1 aside)."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _overlap(a, b):
+    """ATen's ``get_overlap_status`` of two tensors in one storage: "full" (the same elements:
+    same start, end and strides), "partial" (dense, and their byte ranges intersect otherwise)
+    or None (disjoint, or too hard to decide: not both dense, which PyTorch allows)."""
+    if a is b:
+        return "full"
+    start_a, start_b = a.data_ptr(), b.data_ptr()
+    end_a, end_b = start_a + a.numel() * a.element_size(), start_b + b.numel() * b.element_size()
+    if not (a.numel() and b.numel() and start_a < end_b and start_b < end_a and _dense(a) and _dense(b)):
+        return None
+    return "full" if (start_a, end_a, a.stride()) == (start_b, end_b, b.stride()) else "partial"
+
+
+def _refuse_overlap(op, names, args, written):
+    """PyTorch's RuntimeError for what its own in-place ops refuse: a written tensor with
+    elements at one memory location (a dim of size > 1 and stride 0), or a written tensor that
+    partially overlaps another operand. Two written operands also may not fully overlap (each
+    store would undo the other). Only operands in one storage are compared."""
+    tensors = args[:len(names)]
+    storages = [None if t is None else t.untyped_storage().data_ptr() for t in tensors]
+    for i in written:
+        a = tensors[i]
+        if a is None:
+            continue
+        if not a.is_contiguous() and torch._debug_has_internal_overlap(a) == 1:
+            raise RuntimeError(f"revtriton::{op}: {names[i]}: {INTERNAL_OVERLAP}")
+        if storages.count(storages[i]) == 1:
+            continue
+        for j, b in enumerate(tensors):
+            if j != i and storages[j] == storages[i]:
+                status = _overlap(a, b)
+                if status == "partial" or (status == "full" and j in written):
+                    raise RuntimeError(f"revtriton::{op}: {names[i]} and {names[j]}: {PARTIAL_OVERLAP}")
+
+
 _lib = torch.library.Library("revtriton", "DEF")
 
 
@@ -85,7 +138,8 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
     for torch.compile): a call costs about 7 µs with its checks where
     ``torch.library.custom_op``'s Python wrapper took 17 µs, and a chain makes 4 calls per
     block and step. Each kernel bumps the version counters of what it writes, and refuses
-    tensors that require grad while grad is enabled (the ops have no derivative).
+    tensors that require grad while grad is enabled (the ops have no derivative), and
+    overlapping operands as PyTorch's in-place ops do (:func:`_refuse_overlap`).
     """
     args = [f"Tensor({n}!) {n}" if n in mutated else f"Tensor {n}" for n in names]
     args += [f"Tensor({n}!)? {n}" if n in mutated else f"Tensor? {n}" for n in per_sample]
@@ -102,6 +156,7 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
         def checked_kernel(*args):
             _refuse_autograd(name, tensor_names, args)
             _check(name, names, args, per_sample)
+            _refuse_overlap(name, tensor_names, args, written)
             for i in written:
                 if args[i] is not None:
                     torch.autograd.graph.increment_version(args[i])

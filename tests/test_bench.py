@@ -260,3 +260,22 @@ def test_build_only_goes_with_the_suite_only(tmp_path):
     proc = bench("kernels", "--build-only", tmp_path=tmp_path)
     assert proc.returncode == 2 and "--build-only goes with the suite job, not 'kernels'" in proc.stderr
 
+
+
+def test_ratios_are_each_method_over_the_eager_row_of_its_workload():
+    rows = [
+        dict(workload="a", method="revtriton", peak_bytes=100, step_seconds=0.375),
+        dict(workload="a", method="eager", peak_bytes=400, step_seconds=0.25),
+        dict(workload="b", method="eager", peak_bytes=50, step_seconds=1.0),
+        dict(workload="b", method="checkpoint", peak_bytes=25, step_seconds=1.5),
+        dict(workload="b", method="memcnn", error="memcnn is not installed"),
+        dict(workload="c", method="revtriton", peak_bytes=10, step_seconds=0.1),  # no eager row
+        dict(workload="d", method="eager", error="out of memory"),
+        dict(workload="d", method="revtriton", peak_bytes=10, step_seconds=0.1),  # eager failed
+    ]
+    assert report.add_ratios(rows) is rows
+    ratios = {(r["workload"], r["method"]): (r.get("peak_ratio"), r.get("time_ratio")) for r in rows}
+    assert ratios == {
+        ("a", "revtriton"): (0.25, 1.5), ("a", "eager"): (1.0, 1.0),  # less memory, more time: < 1, > 1
+        ("b", "eager"): (1.0, 1.0), ("b", "checkpoint"): (0.5, 1.5), ("b", "memcnn"): (None, None),
+        ("c", "revtriton"): (None, None), ("d", "eager"): (None, None), ("d", "revtriton"): (None, None)}

@@ -180,6 +180,30 @@ def test_backward_keeps_the_output_storage_when_anything_can_still_read_it(keep,
     assert torch.equal(kept.detach(), expected[-kept.shape[0]:])  # intact: the view is y[1:]
 
 
+def test_an_output_saved_as_itself_is_kept_while_the_caller_holds_it(monkeypatch):
+    """With saved-tensor hooks that keep the output itself, its storage has no more references
+    in backward than an output only autograd holds: the weak reference to the output
+    (``output() is not None`` in release_if_unshared) is all that tells the caller still holds it."""
+    from revtriton import function
+
+    storage_alone_says_unshared, released, real = [], [], function.release_if_unshared
+
+    def spy(saved, output):
+        storage_alone_says_unshared.append(function._storage_refs(saved) <= function._unshared_refs())
+        released.append(real(saved, output))
+        return released[-1]
+
+    monkeypatch.setattr(function, "release_if_unshared", spy)
+    chain = conv_chain(3)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        y = chain(x)
+    expected = y.detach().clone()
+    loss_of(y).backward()
+    assert storage_alone_says_unshared == [True] and released == [False]
+    assert torch.equal(y.detach(), expected)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_frees_the_output_storage_once_nothing_else_can_read_it(device, monkeypatch):
     released = _spy_on_release(monkeypatch)
@@ -232,3 +256,58 @@ def test_chain_of_each_coupling_equals_its_eager_path(make, device):
     assert rel_err(x.grad, x_twin.grad) <= 1e-5
     for (name, p), q in zip(chain.named_parameters(), twin.parameters()):
         assert rel_err(p.grad, q.grad) <= 1e-5, name
+
+
+def _conv(c):
+    return nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.Tanh())
+
+
+MEMORY_FORMATS = {
+    "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
+    "permuted": lambda x: x.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1),  # dense, neither format
+    "strided": lambda x: torch.cat([x, x], 3)[..., ::2],  # not dense
+}
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("make", [
+    lambda: rt.ReversibleBlock(_conv(2), _conv(2)),
+    lambda: rt.AffineBlock(_conv(2), _conv(2)),
+    lambda: rt.MomentumBlock(_conv(2), beta=0.8),
+], ids=["additive", "affine", "momentum"])
+def test_chain_of_any_memory_format_equals_its_eager_path(make, memory_format):
+    """A channels_last (or permuted, or strided) input runs through the kernels in its own
+    layout: forward with and without grad and backward equal the eager twin in float64."""
+    chain = rt.ReversibleSequential(make(), make(), log_det=True).double()
+    chain.apply(lambda m: m.to(memory_format=torch.channels_last) if isinstance(m, nn.Conv2d) else None)
+    twin = copy.deepcopy(chain)
+    twin.reversible = False
+    values = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    xa, xb = (MEMORY_FORMATS[memory_format](values).requires_grad_() for _ in range(2))
+    assert xa.stride() == xb.stride() != values.stride()
+    with torch.no_grad():
+        y, log_det = chain(xa)
+        y_twin, log_det_twin = twin(xb)
+    assert rel_err(y, y_twin) <= 1e-12 and rel_err(log_det, log_det_twin) <= 1e-12
+    y, log_det = chain(xa)
+    y_twin, log_det_twin = twin(xb)
+    assert rel_err(y, y_twin) <= 1e-12 and rel_err(log_det, log_det_twin) <= 1e-12
+    (loss_of(y) - log_det.sum()).backward()
+    (loss_of(y_twin) - log_det_twin.sum()).backward()
+    assert rel_err(xa.grad, xb.grad) <= 1e-10
+    for (name, p), q in zip(chain.named_parameters(), twin.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-10, name
+
+
+@pytest.mark.parametrize("shape,dim,memory_format", [((2, 6, 3, 5), 1, torch.channels_last),
+                                                     ((2, 5, 16), -1, torch.contiguous_format)])
+def test_a_gradient_stream_is_laid_out_like_its_stream(shape, dim, memory_format):
+    """The backward's gradient stream has the stream's strides (the kernels write both in one
+    pass), whatever the layout of the gradient autograd hands in, and holds its halves."""
+    from revtriton.stream import from_stream, to_stream
+
+    stream = to_stream(torch.randn(shape).contiguous(memory_format=memory_format), dim)
+    grad = torch.randn(shape).transpose(0, -1).contiguous().transpose(0, -1)  # another layout
+    grad_stream = to_stream(grad, dim, like=stream)
+    assert grad_stream.stride() == stream.stride() and grad_stream.dtype == grad.dtype
+    assert torch.equal(from_stream(grad_stream, dim), grad)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from revtriton import kernels
 from revtriton.kernels import layout
@@ -85,10 +86,67 @@ def test_strided_mutated_operand_is_handled():
     assert_close_to_reference(a, expected)
 
 
-def test_transposed_mutated_operand_is_refused_with_a_clear_error():
+def test_a_written_tensor_is_addressed_in_its_own_memory_order():
+    """A transposed written tensor is dense in its own order: the contiguous operand read with
+    it is copied into that order, once, and the result is exact."""
     a = torch.randn(5, 6).t()
-    with pytest.raises(ValueError, match="strided rows"):
-        kernels.add_(a, torch.randn(6, 5))
+    b = torch.randn(6, 5)
+    expected = a.double() + b.double()
+    kernels.add_(a, b)
+    assert_close_to_reference(a, expected)
+    n_rows, n_cols, (_, copy), strides = layout.row_layout([a, b], (0,))
+    assert (n_rows, n_cols, strides) == (1, 30, [0, 0]) and copy.stride() == a.stride()
+
+
+def test_written_tensors_of_two_memory_layouts_are_refused_with_a_clear_error():
+    a, c = torch.randn(6, 5), torch.randn(5, 6).t()
+    with pytest.raises(ValueError, match=r"strided rows, in the memory order of the first one \(strides \(5, 1\)\); "
+                                         r"got shape \(6, 5\) with strides \(1, 6\)"):
+        kernels.sub_add_(a, torch.randn(6, 5), c, torch.randn(6, 5))
+
+
+def test_a_read_tensor_that_limits_a_written_ones_rows_is_copied():
+    """``a`` is rows of 12 elements 24 apart; ``b`` has unit stride along its last dim only, so
+    rows of 4 would not be evenly spaced in ``a``: ``b`` is copied, not ``a`` refused."""
+    a = torch.randn(2, 6, 4)[:, :3]
+    b = torch.randn(2, 3, 8)[..., :4]
+    expected = a.double() + b.double()
+    assert layout.row_layout([a, b], (0,))[:2] == (2, 12)
+    kernels.add_(a, b)
+    assert_close_to_reference(a, expected)
+
+
+def _channels_last_halves():
+    """The halves of a chain's stream of a channels_last input, and a conv's output on one."""
+    x = torch.randn(2, 6, 3, 5).to(memory_format=torch.channels_last)
+    stream = torch.stack(halves(x, 1))
+    f = torch.nn.Conv2d(3, 3, 1)(stream[1])
+    assert stream[0].is_contiguous(memory_format=torch.channels_last) and not stream[0].is_contiguous()
+    assert f.is_contiguous(memory_format=torch.channels_last)
+    return stream, f
+
+
+@pytest.mark.parametrize("keep_samples", [False, True])
+def test_channels_last_halves_are_addressed_as_they_are_without_a_copy(keep_samples):
+    stream, f = _channels_last_halves()
+    tensors = [stream[0], stream[1], f.detach()]
+    n_rows, n_cols, addressed, strides = layout.row_layout(tensors, (0, 1), keep_samples=keep_samples)
+    assert all(a is t for a, t in zip(addressed, tensors))
+    assert (n_rows, n_cols, strides) == ((2, 45, [45, 45, 45]) if keep_samples else (1, 90, [0, 0, 0]))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: halves(torch.randn(2, 6, 3, 5).to(memory_format=torch.channels_last), 1),
+    lambda: halves(torch.randn(3, 5, 2, 6).permute(2, 3, 0, 1), 1),
+    lambda: halves(torch.randn(2, 16, 5).transpose(1, 2), -1),
+], ids=["channels_last", "permuted-4d", "transposed-tokens"])
+def test_halves_of_any_memory_format_are_computed_in_place(make):
+    x1, x2 = make()
+    b = torch.randn(x1.shape)
+    x2_before, expected = x2.clone(), x1.double() + b.double()
+    kernels.add_(x1, b)
+    assert_close_to_reference(x1, expected)
+    assert torch.equal(x2, x2_before)
 
 
 def test_empty_tensors_are_a_no_op():
@@ -143,6 +201,40 @@ def test_a_grid_beyond_the_launch_limit_is_refused():
         layout.tiling(2**44, 1)
 
 
+@triton.jit
+def _tiles_of(pids_ptr, rows_ptr, cols_ptr, mask_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Store the rows, columns and mask of tile ``pids[i]`` (as ``tile`` computes them) at ``i``."""
+    i = tl.program_id(0)
+    rows, cols, mask = layout.tile_of(tl.load(pids_ptr + i), n_rows, n_cols, BLOCK_R, BLOCK_C)
+    tl.store(rows_ptr + i * BLOCK_R + tl.arange(0, BLOCK_R), rows)
+    tl.store(cols_ptr + i * BLOCK_C + tl.arange(0, BLOCK_C), cols)
+    tl.store(mask_ptr + i * BLOCK_R * BLOCK_C + tl.arange(0, BLOCK_R)[:, None] * BLOCK_C
+             + tl.arange(0, BLOCK_C)[None, :], mask.to(tl.int8))
+
+
+def test_last_tiles_of_a_row_near_2_31_elements_cover_exactly_its_last_columns():
+    """Rows of 2**31 - 100 fp16 elements: ceil(n_cols / BLOCK_C) formed as n_cols + BLOCK_C - 1
+    wraps in int32, and the last programs of such a launch re-added tile 0 instead of writing the
+    row's end. The last programs are replayed here without allocating the rows."""
+    n_rows, n_cols = 2, 2**31 - 100
+    acc_bytes = layout.accumulator([torch.empty(0, dtype=torch.float16)]).primitive_bitwidth // 8
+    block_r, block_c, _, programs = layout.tiling(n_rows, n_cols, acc_bytes)
+    col_tiles = triton.cdiv(n_cols, block_c)
+    assert block_r == 1 and programs == n_rows * col_tiles
+    pids = torch.tensor([0, col_tiles - 2, col_tiles - 1, programs - 2, programs - 1], dtype=torch.int32)
+    rows = torch.empty(len(pids), block_r, dtype=torch.int64)
+    cols = torch.empty(len(pids), block_c, dtype=torch.int64)
+    mask = torch.empty(len(pids), block_r, block_c, dtype=torch.int8)
+    _tiles_of[(len(pids),)](pids, rows, cols, mask, n_rows, n_cols, BLOCK_R=block_r, BLOCK_C=block_c)
+    assert rows.flatten().tolist() == [0, 0, 0, 1, 1]
+    second_last, last = (col_tiles - 2) * block_c, (col_tiles - 1) * block_c
+    starts = torch.tensor([0, second_last, last, second_last, last])
+    assert torch.equal(cols, starts[:, None] + torch.arange(block_c))
+    assert torch.equal(mask[:, 0].bool(), cols < n_cols)
+    for end in (cols[1:3][mask[1:3, 0].bool()], cols[3:][mask[3:, 0].bool()]):  # rows 0 and 1
+        assert torch.equal(end, torch.arange(second_last, n_cols))
+
+
 def test_per_sample_rows_never_span_two_samples():
     """Halves split along dim 2: rows are (sample, channel) pairs, four rows to a sample."""
     x = torch.randn(3, 4, 6, 5)
@@ -167,3 +259,61 @@ def test_cuda_halves_of_n_by_2_beyond_2_31_rows():
     x1, x2 = halves(x, 1)
     kernels.add_(x2, b)
     assert x2[-8:].eq(1).all() and x2[:8].eq(1).all() and x1[-8:].eq(0).all()
+
+
+def _c(value):
+    """A float argument as the kernels hold it: rounded to fp32 (``tl.full((), value, ACC)``)."""
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _soft_clamp_tanh(s, clamp):
+    """tanh(s / clamp) as the affine kernels form it: one exp of -2|x|, x = s * (1 / clamp)."""
+    x = s * (1 / _c(clamp))
+    z = torch.exp(-2 * x.abs())
+    return torch.where(x < 0, -(1 - z) / (1 + z), (1 - z) / (1 + z))
+
+
+def _affine_backward(y, dy, s, t, ld_grad, clamp):
+    th = _soft_clamp_tanh(s, clamp)
+    scale, shifted = torch.exp(_c(clamp) * th), y - t
+    return {0: shifted / scale, 1: dy * scale, 4: (dy * shifted + ld_grad[:, None]) * (1 - th * th)}
+
+
+def _momentum_forward(x, v, f, beta):
+    v = _c(beta) * v + _c(1 - beta) * f
+    return {0: x + v, 1: v}
+
+
+# Each op's tensor operands (same shape), its other arguments, and its arithmetic in fp32 as
+# the kernel does it: the values of the written operands by index.
+OPS = {
+    "coupling_forward": (2, (), lambda a, b: {0: a + b}),
+    "coupling_inverse": (2, (), lambda a, b: {0: a - b}),
+    "coupling_backward": (4, (), lambda a, b, c, d: {0: a - b, 2: c + d}),
+    "affine_forward": (3, (None, 2.0), lambda x, s, t: {0: x * torch.exp(2.0 * _soft_clamp_tanh(s, 2.0)) + t}),
+    "affine_inverse": (3, (2.0,), lambda y, s, t: {0: (y - t) / torch.exp(2.0 * _soft_clamp_tanh(s, 2.0))}),
+    "affine_backward": (5, (torch.linspace(-1, 1, 4), 2.0),
+                        lambda y, dy, s, t, ds: _affine_backward(y, dy, s, t, torch.linspace(-1, 1, 4), 2.0)),
+    "momentum_forward": (3, (0.9,), lambda x, v, f: _momentum_forward(x, v, f, 0.9)),
+    "momentum_inverse": (2, (0.9,), lambda v, f: {0: (v - _c(0.1) * f) * (1 / _c(0.9))}),
+    "momentum_backward_x": (4, (0.9,), lambda x, v, dx, dv: {0: x - v, 3: _c(0.1) * (dx + dv)}),
+    "momentum_backward_v": (5, (0.9,), lambda v, f, dx, fx, dv: {0: (v - _c(0.1) * f) * (1 / _c(0.9)), 2: dx + fx,
+                                                                   4: dv * (_c(0.9) / _c(0.1))}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", OPS)
+def test_half_precision_results_are_the_fp32_computation_rounded_once(name, dtype):
+    """The kernels accumulate in fp32 (DESIGN.md): each written operand equals the kernel's
+    arithmetic done in fp32 and rounded once, bitwise in fp16 and within one bf16 ulp in bf16
+    (the interpreter truncates bf16 stores). Arithmetic in fp16 would round at each step."""
+    n_tensors, extra, fp32 = OPS[name]
+    tensors = [torch.randn(4, 33).to(dtype) for _ in range(n_tensors)]
+    expected = fp32(*[t.float() for t in tensors])
+    getattr(torch.ops.revtriton, name)(*tensors, *extra)
+    for i, value in expected.items():
+        if dtype == torch.float16:
+            assert torch.equal(tensors[i], value.to(dtype)), i
+        else:
+            assert ((tensors[i].float() - value).abs() <= torch.finfo(dtype).eps * value.abs()).all(), i

@@ -1,4 +1,6 @@
 """The torch.library ops: opcheck, the CPU reference path, compile, bad input."""
+import re
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -71,3 +73,58 @@ def test_ops_refuse_a_gradient_they_would_silently_drop():
         torch.ops.revtriton.coupling_forward(a, b)
     with torch.no_grad():
         torch.ops.revtriton.coupling_forward(a, b)  # nothing to differentiate: fine
+
+
+def _torch_error(inplace_op):
+    """The RuntimeError PyTorch's own in-place op raises (its message, for ``match``)."""
+    with pytest.raises(RuntimeError) as error:
+        inplace_op()
+    return re.escape(str(error.value))
+
+
+def test_a_written_tensor_with_elements_at_one_location_is_refused_as_by_pytorch():
+    a, b = torch.randn(1, 5).expand(3, 5), torch.randn(3, 5)
+    message = _torch_error(lambda: a.add_(b))
+    with pytest.raises(RuntimeError, match=r"revtriton::coupling_forward: a: " + message):
+        torch.ops.revtriton.coupling_forward(a, b)
+    x, s = torch.randn(3, 4), torch.randn(3, 4)
+    ld = torch.zeros(1).expand(3)  # every sample's log|det| in one location
+    with pytest.raises(RuntimeError, match=r"revtriton::affine_forward: ld: " + message):
+        torch.ops.revtriton.affine_forward(x, s, s, ld, 2.0)
+    expected = b + a
+    torch.ops.revtriton.coupling_forward(b, a)  # read through an expanded tensor: fine
+    torch.testing.assert_close(b, expected)
+
+
+def test_a_written_tensor_partially_overlapping_another_operand_is_refused_as_by_pytorch():
+    y = torch.randn(5)
+    before = y.clone()
+    message = _torch_error(lambda: y[1:].add_(y[:-1]))
+    with pytest.raises(RuntimeError, match=r"revtriton::coupling_forward: a and b: " + message):
+        torch.ops.revtriton.coupling_forward(y[1:], y[:-1])
+    s = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match=r"revtriton::momentum_forward: v and f: " + message):
+        torch.ops.revtriton.momentum_forward(s[0], s[1], s.view(-1)[6:10], 0.9)
+    with pytest.raises(RuntimeError, match=r"revtriton::coupling_backward: a and c: " + message):
+        a, b = torch.randn(2, 3, 4)  # a written twice: each store would undo the other
+        torch.ops.revtriton.coupling_backward(a, b, a.view(3, 4), b)
+    assert torch.equal(y, before)  # refused before anything is written
+
+
+def test_operands_pytorch_accepts_are_accepted_and_computed():
+    a = torch.randn(3, 5)
+    expected = a * 2
+    torch.ops.revtriton.coupling_forward(a, a)  # full overlap: a written tensor also read
+    torch.testing.assert_close(a, expected)
+    torch.ops.revtriton.coupling_inverse(a, a.detach().view(3, 5))  # the same elements, another tensor
+    assert a.eq(0).all()
+    y = torch.randn(6, 2)  # too hard for PyTorch to decide (neither column is dense): allowed
+    expected = y[:, 0] + y[:, 1]
+    z = y.clone()
+    z[:, 0].add_(z[:, 1])  # PyTorch's own op accepts it
+    torch.ops.revtriton.coupling_forward(y[:, 0], y[:, 1])
+    torch.testing.assert_close(y[:, 0], expected)
+    s, f = torch.randn(2, 4, 3), torch.randn(4, 3)  # disjoint halves of one storage
+    expected = s[0] + 0.9 * s[1] + 0.1 * f, 0.9 * s[1] + 0.1 * f
+    torch.ops.revtriton.momentum_forward(s[0], s[1], f, 0.9)
+    torch.testing.assert_close((s[0], s[1]), expected)
