@@ -119,7 +119,7 @@ class AffineBlock(_Coupling):
         dx1, dx2 = self._halves(dx)
 
         def scale_grad(s):  # x2 * exp(s_c), dy2 = dx2 / exp(s_c) and dL/ds in one pass
-            ds = torch.empty_like(s, memory_format=torch.contiguous_format)
+            ds = torch.empty_like(x2, dtype=s.dtype)  # laid out like x2, which the kernel writes with it
             ops.affine_inverse_backward(x2, dx2, s, ds, log_det_grad, self.clamp)
             return ds
 
