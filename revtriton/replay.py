@@ -163,20 +163,23 @@ def _replacements(call, module):
 
 @contextlib.contextmanager
 def _as_the_forward_saw(call, tensors):
-    """Put ``tensors`` in ``call``'s slots and its training flags on its modules, then back."""
+    """Put ``tensors`` in ``call``'s slots and its training flags on its modules, then back
+    (the flags only where they changed since: setting one costs an ``nn.Module.__setattr__``)."""
     now = [getattr(owner, kind)[key] for owner, kind, key, _ in call.slots]
-    flags = [m.training for m in call.modules]
+    flags = tuple(m.training for m in call.modules)
     try:
         for (owner, kind, key, _), t in zip(call.slots, tensors):
             getattr(owner, kind)[key] = t
-        for m, flag in zip(call.modules, call.training):
-            m.training = flag
+        if flags != call.training:
+            for m, flag in zip(call.modules, call.training):
+                m.training = flag
         yield
     finally:
         for (owner, kind, key, _), t in zip(call.slots, now):
             getattr(owner, kind)[key] = t
-        for m, flag in zip(call.modules, flags):
-            m.training = flag
+        if flags != call.training:
+            for m, flag in zip(call.modules, flags):
+                m.training = flag
 
 
 class Recorder:
