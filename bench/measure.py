@@ -162,8 +162,10 @@ def in_subprocess(job, spec):
 
 def run(workload, methods, device, steps=5):
     """``{method: figures or {"error": ...}}`` for one workload: each method's peak memory,
-    then the step times of those that ran, interleaved. On CPU each measurement runs in a
-    subprocess; on CUDA in this process."""
+    then the step times of those that ran, interleaved, over ``steps`` rounds (or the
+    workload's own ``rounds`` if more). On CPU each measurement runs in a subprocess; on CUDA
+    in this process."""
+    steps = max(steps, workload.get("rounds", 0))
     rows = {}
     for method in methods:
         missing = peer_missing(method)

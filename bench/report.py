@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-COLUMNS = ("workload", "method", "peak MiB", "x eager", "step ms", "x eager ")
+COLUMNS = ("workload", "method", "peak MiB", "x eager", "step ms", "x eager ", "µs per block")
 
 
 def device_name(device):
@@ -35,9 +35,10 @@ def add_ratios(rows):
 
 def cells(r):
     if "error" in r:
-        return [r["workload"], r["method"], f"error: {r['error']}", "", "", ""]
+        return [r["workload"], r["method"], f"error: {r['error']}", "", "", "", ""]
+    per_block = f"{r['step_seconds'] / r['depth'] * 1e6:.0f}" if r.get("kind") == "overhead" else ""
     return [r["workload"], r["method"], f"{r['peak_bytes'] / 2**20:.1f}", f"{r.get('peak_ratio', math.nan):.3f}",
-            f"{r['step_seconds'] * 1e3:.1f}", f"{r.get('time_ratio', math.nan):.2f}"]
+            f"{r['step_seconds'] * 1e3:.1f}", f"{r.get('time_ratio', math.nan):.2f}", per_block]
 
 
 def text_table(columns, lines):

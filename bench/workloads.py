@@ -2,8 +2,10 @@
 
 Methods: ``eager`` (the eager twin, plain autograd), ``checkpoint`` (the eager twin with
 ``torch.utils.checkpoint`` per reversible block), ``revtriton`` (the reversible model), and
-the peers ``memcnn`` and ``revlib`` (the same F and G in their reversible wrappers; additive
-depth sweep only). The affine sweep is a flow trained on its negative log-likelihood
+the peers ``memcnn``, ``revlib`` and ``revtorch`` (the same F and G in their reversible
+wrappers; additive chains only). The ``overhead`` workload is a deep chain of tiny F and G
+(``Linear + Tanh``), where a step costs host time (Python, dispatch, autograd, launches) and
+not arithmetic: the regime of RevNets on small maps and of any model on a fast GPU. The affine sweep is a flow trained on its negative log-likelihood
 (output and log-determinant), against its eager twin. The transformer runs causal with a
 padding mask (side inputs); the encoder-decoder's decoder attends to the encoder's output (a
 side input) with padding masks on both sides. Every method of a workload starts from the same
@@ -21,12 +23,18 @@ from revtriton import models
 from revtriton.function import eager_chain
 
 METHODS = ("eager", "checkpoint", "revtriton")
-PEERS = ("memcnn", "revlib")
+PEERS = ("memcnn", "revlib", "revtorch")
+ADDITIVE_CHAINS = ("chain", "overhead")  # the workloads the peers can run
 
 
 def conv_unit(c):
     """F and G of the depth sweep: BatchNorm-ReLU-Conv3x3 on ``c`` channels."""
     return nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, bias=False))
+
+
+def linear_unit(width):
+    """F and G of the overhead workload: Linear-Tanh on ``width`` features."""
+    return nn.Sequential(nn.Linear(width, width), nn.Tanh())
 
 
 def chains(model):
@@ -98,6 +106,11 @@ def peer_chain(peer, blocks):
         return nn.Sequential(_Copy(), *[memcnn.InvertibleModuleWrapper(memcnn.AdditiveCoupling(b.f, b.g),
                                                                        keep_input=False, keep_input_inverse=False)
                                         for b in blocks])
+    if peer == "revtorch":
+        import revtorch
+
+        return revtorch.ReversibleSequence(nn.ModuleList([revtorch.ReversibleBlock(b.f, b.g, split_along_dim=1)
+                                                          for b in blocks]))
     import revlib
 
     return revlib.ReversibleSequential(*[m for b in blocks for m in (b.f, b.g)], split_dim=1)
@@ -127,6 +140,11 @@ def build_reversible(workload):
         model = rt.ReversibleSequential(*[rt.ReversibleBlock(conv_unit(c // 2), conv_unit(c // 2))
                                           for _ in range(depth)])
         shape = (workload["batch"], c, workload["size"], workload["size"])
+    elif kind == "overhead":
+        w, depth = workload["width"], workload["depth"]
+        model = rt.ReversibleSequential(*[rt.ReversibleBlock(linear_unit(w), linear_unit(w), dim=1)
+                                          for _ in range(depth)])
+        shape = (workload["batch"], 2 * w)
     elif kind == "affine":  # a flow: s, t = BatchNorm-ReLU-Conv3x3, alternating halves
         c, depth = workload["channels"], workload["depth"]
         model = rt.ReversibleSequential(*[rt.AffineBlock(conv_unit(c // 2), conv_unit(c // 2), swap=i % 2 == 1)
@@ -147,7 +165,8 @@ def build_reversible(workload):
                         torch.randn(batch, tokens, width), mask, mask)
         shape = (batch, tokens, width)
     else:
-        raise ValueError(f"workload kind={kind!r}; expected 'chain', 'affine', 'cifar', 'transformer' or 'encdec'")
+        raise ValueError(f"workload kind={kind!r}; expected 'chain', 'overhead', 'affine', 'cifar', 'transformer' "
+                         f"or 'encdec'")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(workload.get("autocast"))
     return model, torch.randn(shape), loss_fn, dtype
 
@@ -159,9 +178,9 @@ def by_method(workload, model, method):
         raise ValueError(f"method={method!r}; expected one of {', '.join(METHODS + PEERS)}")
     if method not in PEERS:
         return as_method(model, method)
-    if workload["kind"] != "chain":
+    if workload["kind"] not in ADDITIVE_CHAINS:
         raise ValueError(f"method={method!r} for a workload of kind {workload['kind']!r}; expected kind "
-                         f"'chain' (the peers wrap additive blocks only)")
+                         f"{' or '.join(map(repr, ADDITIVE_CHAINS))} (the peers wrap additive blocks only)")
     return peer_chain(method, list(model))
 
 
@@ -178,19 +197,22 @@ def _flow_loss(out):
 def suite(preset):
     """The workloads of a preset: ``cpu`` (default, a few minutes on 2 cores), ``gpu`` (the
     H200 check) or ``tiny`` (the end-to-end test)."""
+    # host-bound, the same on every preset: its steps are short, so it times more of them
+    overhead = dict(kind="overhead", width=8, depth=64, batch=4, rounds=20)
     if preset == "tiny":
         sweep = [dict(kind=k, depth=d, batch=4, channels=16, size=32) for k in ("chain", "affine") for d in (2, 4)]
-        return sweep, [dict(kind=k, width=32, depth=2, heads=2, tokens=128, batch=4) for k in ("transformer", "encdec")]
+        return sweep, [overhead] + [dict(kind=k, width=32, depth=2, heads=2, tokens=128, batch=4)
+                                    for k in ("transformer", "encdec")]
     if preset == "cpu":
         sweep = [dict(kind=k, depth=d, batch=32, channels=32, size=32) for k in ("chain", "affine") for d in (4, 16, 64)]
-        refs = [dict(kind="cifar", model=m, batch=8, size=32) for m in ("revnet38", "resnet32", "revnet110")]
+        refs = [overhead] + [dict(kind="cifar", model=m, batch=8, size=32) for m in ("revnet38", "resnet32", "revnet110")]
         refs += [dict(kind="transformer", width=256, depth=8, heads=4, tokens=128, batch=4),
                  dict(kind="encdec", width=256, depth=4, heads=4, tokens=128, batch=4)]
         return sweep, refs
     if preset == "gpu":
         sweep = [dict(kind=k, depth=d, batch=64, channels=64, size=32) for k in ("chain", "affine") for d in (4, 16, 64)]
-        refs = [dict(kind="cifar", model=m, batch=128, size=32)
-                for m in ("revnet38", "resnet32", "revnet110", "resnet110", "revnet164", "resnet164")]
+        refs = [overhead] + [dict(kind="cifar", model=m, batch=128, size=32)
+                             for m in ("revnet38", "resnet32", "revnet110", "resnet110", "revnet164", "resnet164")]
         refs += [dict(kind="transformer", width=1024, depth=24, heads=16, tokens=1024, batch=8, autocast="bf16"),
                  dict(kind="encdec", width=1024, depth=12, heads=16, tokens=1024, batch=8, autocast="bf16")]
         return sweep, refs
@@ -202,6 +224,8 @@ def label(workload):
     kind = workload["kind"]
     if kind in ("chain", "affine"):
         return f"{kind} depth {workload['depth']}"
+    if kind == "overhead":
+        return f"overhead depth {workload['depth']}"
     if kind == "cifar":
         return workload["model"]
     name = "encoder-decoder" if kind == "encdec" else "transformer"
@@ -214,5 +238,5 @@ def methods_for(workload, peers):
         return ("eager",)
     if workload["kind"] == "affine":  # checkpointing per block would drop the log-determinant
         return ("eager", "revtriton")
-    extra = PEERS if peers and workload["kind"] == "chain" else ()
+    extra = PEERS if peers and workload["kind"] in ADDITIVE_CHAINS else ()
     return METHODS + extra

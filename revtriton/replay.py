@@ -14,6 +14,7 @@ import contextlib
 from typing import NamedTuple
 
 import torch
+from torch.utils import _pytree as pytree
 
 
 def check_output(name, out, x):
@@ -58,14 +59,22 @@ def _version(t):
 def run_checked(name, module, x, kwargs):
     """``module(x, **kwargs)`` with its output checked: the forward of a chain that keeps no
     state, and of its eager twin. A RuntimeError, naming the call, if the module modified its
-    input in place: the input is what a reversible block's inverse rebuilds."""
-    version = _version(x)
+    input in place (the input is what a reversible block's inverse rebuilds) or a side input
+    (the recompute would read, and modify, another value than the forward did)."""
+    side = [(k, t) for k, v in kwargs.items() for t in pytree.tree_leaves(v) if isinstance(t, torch.Tensor)]
+    versions = [_version(t) for t in (x, *(t for _, t in side))]
     out = module(x, **kwargs)
-    if _version(x) != version:
+    if _version(x) != versions[0]:
         raise RuntimeError(
             f"{name} ({type(module).__name__}) modified its input in place (an in-place first op such as "
             f"nn.ReLU(inplace=True)?): a reversible block rebuilds F's and G's inputs from its output, so F and "
             f"G must leave their input as it is. Use the op's out-of-place form (inplace=False)")
+    for (key, t), version in zip(side, versions[1:]):
+        if _version(t) != version:
+            raise RuntimeError(
+                f"{name} ({type(module).__name__}) modified its side input {key!r} in place: the backward "
+                f"recompute would read (and modify again) another value than the forward read. Compute on a "
+                f"copy inside {name} (e.g. m = m + 1 instead of m.add_(1))")
     check_output(name, out, x)
     return out
 

@@ -226,10 +226,10 @@ def test_build_only_names_every_failure_and_exits_non_zero_after_trying_all(monk
 
     monkeypatch.setattr(suite, "by_method", by_method)
     monkeypatch.setattr(suite, "build_reversible", build_reversible)
-    with pytest.raises(SystemExit, match=r"6 \(workload, method\) failed to build"):
+    with pytest.raises(SystemExit, match=r"7 \(workload, method\) failed to build"):
         cli.main(["--preset", "tiny", "--build-only"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 16
+    assert len(lines) == 19
     assert "chain depth 4  checkpoint: FAILED RuntimeError: no checkpoint today" in lines
     assert "transformer 2x32  eager: FAILED out of memory: CPU out of memory" in lines
     assert any(line.startswith("chain depth 4  revtriton: ") and "parameters" in line for line in lines)
@@ -279,3 +279,12 @@ def test_ratios_are_each_method_over_the_eager_row_of_its_workload():
         ("a", "revtriton"): (0.25, 1.5), ("a", "eager"): (1.0, 1.0),  # less memory, more time: < 1, > 1
         ("b", "eager"): (1.0, 1.0), ("b", "checkpoint"): (0.5, 1.5), ("b", "memcnn"): (None, None),
         ("c", "revtriton"): (None, None), ("d", "eager"): (None, None), ("d", "revtriton"): (None, None)}
+
+
+def test_the_overhead_row_reports_microseconds_per_block():
+    rows = report.add_ratios([
+        {"workload": "overhead depth 64", "kind": "overhead", "depth": 64, "method": "eager", "peak_bytes": 2,
+         "step_seconds": 0.0064},
+        {"workload": "overhead depth 64", "kind": "overhead", "depth": 64, "method": "revtriton", "peak_bytes": 1,
+         "step_seconds": 0.0128}])
+    assert [report.cells(r)[-2:] for r in rows] == [["1.00", "100"], ["2.00", "200"]]

@@ -45,7 +45,6 @@ REFUSALS = [
     (ValueError, r"expected an even size to split into two halves"),
     (ValueError, r"^the blocks of one chain split dims"),
     (ValueError, r"^log_det=True sums the log-determinant per sample"),
-    (RuntimeError, r"is an FSDP2 unit \(fully_shard\) inside a reversible chain"),
     (RuntimeError, r"^a reversible chain cannot run under torch\.func transforms"),
     # revtriton/replay.py
     (TypeError, r"returned .*; expected a tensor shaped like its input"),
@@ -53,15 +52,22 @@ REFUSALS = [
     (ValueError, r"returned a tensor on .*; expected .*, its input's device"),
     (ValueError, r"returned dtype .*; expected .*, its input's dtype"),
     (RuntimeError, r"reads a tensor that requires grad but is neither its input"),
+    (RuntimeError, r"\) modified its input in place \(an in-place first op"),
+    (RuntimeError, r"\) modified its side input .* in place"),
+    (RuntimeError, r"^backward with create_graph=True .* through a reversible chain is not supported"),
+    (RuntimeError, r"its buffer .*, which the forward read, was modified in place before backward"),
+    (RuntimeError, r"^this reversible chain's backward was interrupted"),
+    # revtriton/sequential.py
+    (RuntimeError, r"^blocks\[\d+\] \(\w+\) has a (forward|backward)( pre-)? hook, which never fires"),
     # revtriton/side.py
     (TypeError, r"reached no F or G of the chain"),
-    # planned (the core fixes add them)
-    (RuntimeError, r"modified its input in place"),
-    (RuntimeError, r"create_graph"),
-    (RuntimeError, r"hook"),
+    (TypeError, r"^side input .* is a .* \(a dataclass\) whose field"),
 ]
 
 TOL = 1e-10  # relative, float64
+# absolute: a gradient that is zero in exact arithmetic (a bias before BatchNorm, a 1x1 spectral
+# norm) is fp64 round-off of O(1) terms on both sides, whose relative error is meaningless
+ATOL = 1e-12
 FUZZ_EXAMPLES = int(os.environ.get("REVTRITON_FUZZ_EXAMPLES", "200"))
 LONG = "REVTRITON_FUZZ_EXAMPLES" in os.environ
 
@@ -279,6 +285,7 @@ class Config:
 
 PATTERNS = [
     "backward",  # loss.backward()
+    "inverse",  # loss(chain.inverse(x)) (inverse_and_log_det with log_det).backward(): training through the inverse
     "called_twice",  # one graph: loss(chain(x)) + loss(chain(x / 2))
     "accumulate",  # loss(chain(x)).backward(); loss(chain(x / 2)).backward()
     "retain_graph",  # backward(retain_graph=True), then backward again
@@ -415,6 +422,9 @@ def run_pattern(model, config, x, side):
     if p == "called_twice":
         outs = [model(x, **side), model(x / 2, **side)]
         loss = _loss(outs[0]) + _loss(outs[1])
+    elif p == "inverse":
+        outs = [model.inverse_and_log_det(x, **side) if config.log_det else model.inverse(x, **side)]
+        loss = _loss(outs[0])
     else:
         outs = [model(x, **side)]
         loss = _loss(outs[0])
@@ -466,8 +476,9 @@ def _compare(what, a, b, problems):
             problems.append(f"{what}: {a.tolist()} vs eager {b.tolist()}")
         return
     err = rel_err(a, b)
-    if not err <= TOL:  # NaN fails too
-        problems.append(f"{what}: relative error {err:.3g}")
+    if not err <= TOL and not (a.double() - b.double()).abs().max() <= ATOL:  # NaN fails both
+        problems.append(f"{what}: relative error {err:.3g}, largest difference "
+                        f"{(a.double() - b.double()).abs().max():.3g}")
 
 
 def _flat(outs):

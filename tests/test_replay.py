@@ -309,3 +309,15 @@ def test_a_dataclass_side_input_holding_a_tensor_that_requires_grad_is_refused_u
         assert rel_err(memory.grad, m2.grad) <= 1e-10
     finally:
         torch.utils._pytree._deregister_pytree_node(Context)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_f_modifying_a_side_input_in_place_is_refused_naming_the_block_and_keyword(grad):
+    class Increments(nn.Module):
+        def forward(self, x, m):
+            m.add_(1.0)
+            return torch.tanh(x * m)
+
+    chain = rt.ReversibleSequential(rt.ReversibleBlock(tanh_linear(3), Increments(), dim=-1))
+    with pytest.raises(RuntimeError, match=r"blocks\[0\]\.g \(Increments\) modified its side input 'm' in place"):
+        chain(torch.randn(4, 6, requires_grad=grad), m=torch.randn(3))
