@@ -152,7 +152,8 @@ class _Plan:
     ``n_cols``; ``after``: for a per-sample kernel, the samples' stride and rows per sample), the
     tiling (``grid``, ``options``) and, after the first launch, the compiled kernel."""
 
-    __slots__ = ("middle", "after", "grid", "options", "compiled", "device", "tail", "get_device", "get_stream")
+    __slots__ = ("middle", "after", "grid", "options", "compiled", "device", "tail", "get_device", "get_stream",
+                 "run", "function", "packed_metadata")
 
     def __init__(self, middle, after, grid, options):
         self.middle, self.after, self.grid, self.options = middle, after, grid, options
@@ -165,18 +166,18 @@ MAX_PLANS = 4096  # a process that launches on ever new shapes clears the cache 
 
 def _key(kernel, tensors, mutated, samples, constexprs):
     """Everything a launch's layout, tiling and compiled kernel depend on: the kernel, which
-    tensors are written, each operand's shape, strides, dtype, device and whether its data
-    pointer is 16-byte aligned (Triton specialises on that), whether ``samples`` is None, and
-    the constexprs. Integer arguments (strides, ``n_rows``, ``n_cols``, ``rows_per_sample``),
-    which Triton specialises on too, follow from the shapes and strides; the scalars are
-    runtime fp64 arguments of every kernel."""
-    key = [kernel, mutated]
+    tensors are written, the device of the first tensor (the launch's), each operand's shape,
+    strides, dtype and whether its data pointer is 16-byte aligned (Triton specialises on that),
+    whether ``samples`` is None, and the constexprs. Integer arguments (strides, ``n_rows``,
+    ``n_cols``, ``rows_per_sample``), which Triton specialises on too, follow from the shapes and
+    strides; the scalars are runtime fp64 arguments of every kernel."""
+    key = [kernel, mutated, tensors[0].get_device()]
     for t in tensors:
-        key += (t.shape, t.stride(), t.dtype, t.get_device(), not t.data_ptr() & 15)
+        key += (t.shape, t.stride(), t.dtype, not t.data_ptr() & 15)
     if samples is None:
         key.append(None)
     else:
-        key += (samples.shape, samples.stride(), samples.dtype, samples.get_device(), not samples.data_ptr() & 15)
+        key += (samples.shape, samples.stride(), samples.dtype, not samples.data_ptr() & 15)
     if constexprs:
         key.append(tuple(constexprs.items()))
     return tuple(key)
@@ -207,6 +208,7 @@ def _compiled(plan, kernel, result, n_args, tensors):
     plan.tail = tuple(plan.options[name] for name in kernel.arg_names[n_args:])
     plan.device = tensors[0].get_device()
     plan.get_device, plan.get_stream = active.get_current_device, active.get_current_stream
+    plan.run, plan.function, plan.packed_metadata = result.run, result.function, result.packed_metadata
     plan.compiled = result
 
 
@@ -215,7 +217,6 @@ def _launch_compiled(plan, args):
     cache lookup (the plan's key stands for them): ``CompiledKernel.run`` with the grid, the
     current stream and every argument, the constexprs included. Launch hooks run as Triton runs
     them, when any is set."""
-    kernel = plan.compiled
     device = plan.device
     if device >= 0 and plan.get_device() != device:
         with torch.cuda.device(device):
@@ -224,12 +225,11 @@ def _launch_compiled(plan, args):
     hooks = knobs.runtime
     enter, exit_ = hooks.launch_enter_hook, hooks.launch_exit_hook
     if getattr(enter, "calls", True) or getattr(exit_, "calls", True):  # a hook is set: run it as Triton does
-        grid = (plan.grid, 1, 1)
-        kernel.run(plan.grid, 1, 1, stream, kernel.function, kernel.packed_metadata,
-                   kernel.launch_metadata(grid, stream, *args, *plan.tail), enter, exit_, *args, *plan.tail)
+        metadata = plan.compiled.launch_metadata((plan.grid, 1, 1), stream, *args, *plan.tail)
+        plan.run(plan.grid, 1, 1, stream, plan.function, plan.packed_metadata, metadata, enter, exit_, *args,
+                 *plan.tail)
     else:
-        kernel.run(plan.grid, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args,
-                   *plan.tail)
+        plan.run(plan.grid, 1, 1, stream, plan.function, plan.packed_metadata, None, None, None, *args, *plan.tail)
 
 
 def _launch(kernel, tensors, mutated, samples, scalars, constexprs, per_sample):
