@@ -279,3 +279,18 @@ def test_ratios_are_each_method_over_the_eager_row_of_its_workload():
         ("a", "revtriton"): (0.25, 1.5), ("a", "eager"): (1.0, 1.0),  # less memory, more time: < 1, > 1
         ("b", "eager"): (1.0, 1.0), ("b", "checkpoint"): (0.5, 1.5), ("b", "memcnn"): (None, None),
         ("c", "revtriton"): (None, None), ("d", "eager"): (None, None), ("d", "revtriton"): (None, None)}
+
+
+def test_host_job_writes_finite_positive_host_times_of_every_op(tmp_path):
+    proc = bench("host", "--preset", "tiny", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("host-cpu-*.json")
+    data = json.loads(result.read_text())
+    assert {"device", "date", "torch", "triton", "calls", "rounds"} <= data["meta"].keys()
+    calls = {r["call"] for r in data["rows"]}
+    assert calls == {case.name for case in kernels.CASES} | {"add_", "stub launcher alone"}
+    for row in data["rows"]:
+        assert "error" not in row, row
+        for field in ("median_us", "p10_us", "p90_us", "ratio"):
+            assert math.isfinite(row[field]) and row[field] > 0, (row["call"], field)
+    assert "| coupling_forward |" in (tmp_path / result.name.replace(".json", ".md")).read_text()
