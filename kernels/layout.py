@@ -14,6 +14,13 @@ that every program has a full block of work (not one warp per element for the ha
 grid's limit of 2**31 - 1. Offsets are 64-bit, so tensors over 2**31 elements are addressed
 correctly; the division that finds a program's tile runs once per program, in 32 bits unless
 a row is longer than 2**31 elements.
+
+A launch's host work (the row layout, the tiling, Triton's argument binding, specialisation and
+kernel-cache lookup) depends only on the operands' shapes, strides, dtypes, device and 16-byte
+alignment: it is done once per such key (:func:`_key`) and the compiled kernel is then launched
+directly (``CompiledKernel.run``, as inductor's generated launchers do), about 1.5 µs where
+``kernel[grid](...)`` took 20 (``python -m bench host``). Triton's interpreter has no compiled
+kernel: there the cached layout and tiling go through ``kernel[grid]`` every time.
 """
 import math
 

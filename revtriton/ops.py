@@ -154,9 +154,9 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
     ``float`` arguments named in ``scalars`` follow the tensors, in that order.
 
     The op is defined with ``torch.library.Library`` (CPU and CUDA kernels, a fake kernel
-    for torch.compile): a call costs about 7 µs with its checks where
-    ``torch.library.custom_op``'s Python wrapper took 17 µs, and a chain makes 4 calls per
-    block and step. Each kernel bumps the version counters of what it writes, and refuses
+    for torch.compile): a call costs 6-10 µs of host time with its checks and launch (``python
+    -m bench host``) where ``torch.library.custom_op``'s Python wrapper alone took 17 µs, and a
+    chain makes 4 calls per block and step. Each kernel bumps the version counters of what it writes, and refuses
     tensors that require grad while grad is enabled (the ops have no derivative), and
     overlapping operands as PyTorch's in-place ops do (:func:`_refuse_overlap`).
     """
