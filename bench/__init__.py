@@ -10,6 +10,8 @@ Subcommands (``python -m bench --help``):
 - ``kernels``: GB/s of each fused op against its unfused eager equivalent, and as a fraction
   of the device's copy bandwidth, timed over loops of 100 calls on 2**24 to 2**28 elements
   (CUDA only); JSON and Markdown.
+- ``host``: host µs per call of each op with Triton's driver launcher stubbed (compiled for
+  sm_90 on the CPU), beside torch's ``add_``; JSON and Markdown.
 - ``train``: loss curves of a reversible model and its eager twin over 50 SGD steps.
 - ``drift``: reconstruction error of fp32 and bf16 streams against depth.
 """

@@ -3,7 +3,7 @@ import argparse
 import os
 import sys
 
-from . import compiled, drift, fsdp, kernels, suite, train
+from . import compiled, drift, fsdp, host, kernels, suite, train
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -17,7 +17,7 @@ def positive(text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("job", nargs="?", default="suite", choices=("suite", "kernels", "train", "drift", "compiled", "fsdp"))
+    parser.add_argument("job", nargs="?", default="suite", choices=("suite", "kernels", "train", "drift", "compiled", "fsdp", "host"))
     parser.add_argument("--preset", default="cpu", choices=("cpu", "gpu", "tiny"),
                         help="workload sizes: cpu (default), gpu (the H200 check) or tiny (tests)")
     parser.add_argument("--peers", action="store_true", help="also measure memcnn and revlib when installed")
@@ -43,6 +43,8 @@ def main(argv=None):
         kernels.main(args.out)
     elif args.job == "compiled":
         compiled.main(args.target or tuple(compiled.TARGETS), args.layout or tuple(compiled.LAYOUTS), args.out)
+    elif args.job == "host":
+        host.main(args.out, *((host.CALLS, host.ROUNDS) if args.preset != "tiny" else (5, 3)))
     elif args.job == "fsdp":
         fsdp.main(args.out, args.steps)
     elif args.job == "train":

@@ -84,12 +84,14 @@ def timed_read_checks(seconds):
         replay.check_reads = check
 
 
-def interleaved_seconds(makers, device, rounds, extra=None):
+def interleaved_seconds(makers, device, rounds, extra=None, keep_rounds=False):
     """``{name: {"seconds"} or {"error"}}``: ``makers`` maps a name to a function that builds
     the call to time. Each call runs once to warm up, then in every round once, in an order that
     rotates from round to round; a figure is the median over the rounds. ``extra(name)``, if
     given, returns None or ``(context, seconds)``: the call runs inside ``context``, which adds
-    to ``seconds[0]``, reported as the median ``extra_seconds``. One failure is its name's error."""
+    to ``seconds[0]``, reported as the median ``extra_seconds``. With ``keep_rounds``, each
+    result also holds every round's time, in round order (``"rounds"``). One failure is its
+    name's error."""
     calls, results = {}, {}
     for name, make in makers.items():
         try:
@@ -116,6 +118,8 @@ def interleaved_seconds(makers, device, rounds, extra=None):
                 extras[name].append(seconds[0])
     for name, ts in times.items():
         results.setdefault(name, {"seconds": statistics.median(ts)})
+        if keep_rounds and "error" not in results[name]:
+            results[name]["rounds"] = ts
         if extras[name] and "error" not in results[name]:
             results[name]["extra_seconds"] = statistics.median(extras[name])
     return {name: results[name] for name in makers}

@@ -14,13 +14,20 @@ that every program has a full block of work (not one warp per element for the ha
 grid's limit of 2**31 - 1. Offsets are 64-bit, so tensors over 2**31 elements are addressed
 correctly; the division that finds a program's tile runs once per program, in 32 bits unless
 a row is longer than 2**31 elements.
+
+A launch's host work (the row layout, the tiling, Triton's argument binding, specialisation and
+kernel-cache lookup) depends only on the operands' shapes, strides, dtypes, device and 16-byte
+alignment: it is done once per such key (:func:`_key`) and the compiled kernel is then launched
+directly (``CompiledKernel.run``, as inductor's generated launchers do), about 1.5 µs where
+``kernel[grid](...)`` took 20 (``python -m bench host``). Triton's interpreter has no compiled
+kernel: there the cached layout and tiling go through ``kernel[grid]`` every time.
 """
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 TILE_BYTES = 16384  # of each operand, in the arithmetic's dtype, per program
 MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on the x dimension of a grid
@@ -97,14 +104,20 @@ def row_layout(tensors, mutated, keep_samples=False):
                    for i, t in enumerate(tensors)]
 
 
+def _next_power_of_2(n):
+    """The least power of two >= ``n`` (n >= 1): ``triton.next_power_of_2`` in plain integer
+    arithmetic (triton's is a ConstexprFunction wrapper costing ~2 µs a call)."""
+    return 1 << (n - 1).bit_length()
+
+
 def tiling(n_rows, n_cols, acc_bytes=4):
     """``(BLOCK_R, BLOCK_C, num_warps, programs)`` for ``n_rows`` rows of ``n_cols`` elements and
     arithmetic in ``acc_bytes``-byte floats: tiles of up to TILE_BYTES (powers of two), 256
     elements a warp in fp32 (128 in fp64), up to 8 warps."""
     max_block = TILE_BYTES // acc_bytes
-    block_c = min(max_block, triton.next_power_of_2(n_cols))
-    block_r = min(triton.next_power_of_2(n_rows), max_block // block_c)
-    programs = triton.cdiv(n_rows, block_r) * triton.cdiv(n_cols, block_c)
+    block_c = min(max_block, _next_power_of_2(n_cols))
+    block_r = min(_next_power_of_2(n_rows), max_block // block_c)
+    programs = -(-n_rows // block_r) * -(-n_cols // block_c)
     if programs > MAX_PROGRAMS:
         raise ValueError(f"{n_rows} rows of {n_cols} elements need {programs} programs; a launch takes at "
                          f"most {MAX_PROGRAMS}")
@@ -140,29 +153,130 @@ def at(ptr, stride, rows, cols):
     return ptr + rows[:, None] * stride + cols[None, :]
 
 
-def _launch(kernel, layout, args, constexprs):
-    n_rows, n_cols, tensors, strides = layout
-    acc = accumulator(tensors)
+class _Plan:
+    """What a launch depends on besides the tensors' data pointers and the scalars' values, for
+    one key of :func:`_key`: the row layout's integers (``middle``: the row strides, ``n_rows``,
+    ``n_cols``; ``after``: for a per-sample kernel, the samples' stride and rows per sample), the
+    tiling (``grid``, ``options``) and, after the first launch, the compiled kernel."""
+
+    __slots__ = ("middle", "after", "grid", "options", "compiled", "device", "tail", "get_device", "get_stream",
+                 "run", "function", "packed_metadata")
+
+    def __init__(self, middle, after, grid, options):
+        self.middle, self.after, self.grid, self.options = middle, after, grid, options
+        self.compiled = None
+
+
+_plans = {}  # _key -> _Plan, or None where a read tensor needs a copy (launched the slow way every time)
+MAX_PLANS = 4096  # a process that launches on ever new shapes clears the cache when it holds this many
+
+
+def _key(kernel, tensors, mutated, samples, constexprs):
+    """Everything a launch's layout, tiling and compiled kernel depend on: the kernel, which
+    tensors are written, the device of the first tensor (the launch's), each operand's shape,
+    strides, dtype and whether its data pointer is 16-byte aligned (Triton specialises on that),
+    whether ``samples`` is None, and the constexprs. Integer arguments (strides, ``n_rows``,
+    ``n_cols``, ``rows_per_sample``), which Triton specialises on too, follow from the shapes and
+    strides; the scalars are runtime fp64 arguments of every kernel."""
+    key = [kernel, mutated, tensors[0].get_device()]
+    for t in tensors:
+        key += (t.shape, t.stride(), t.dtype, not t.data_ptr() & 15)
+    if samples is None:
+        key.append(None)
+    else:
+        key += (samples.shape, samples.stride(), samples.dtype, not samples.data_ptr() & 15)
+    if constexprs:
+        key.append(tuple(constexprs.items()))
+    return tuple(key)
+
+
+def _plan(kernel, tensors, mutated, samples, constexprs, per_sample):
+    """``(cached, plan, tensors)`` for a launch not seen before: the plan to launch with, the
+    tensors to launch on (a read tensor the kernel cannot address as rows is replaced by a
+    copy) and what to cache: the plan, or None where a copy was made (made again every time)."""
+    n_rows, n_cols, laid_out, strides = row_layout(tensors, mutated, keep_samples=samples is not None)
+    acc = accumulator(laid_out)
     block_r, block_c, num_warps, programs = tiling(n_rows, n_cols, acc.primitive_bitwidth // 8)
-    device = torch.cuda.device(tensors[0].device) if tensors[0].is_cuda else contextlib.nullcontext()
-    with device:
-        kernel[(programs,)](*tensors, *strides, n_rows, n_cols, *args, ACC=acc, BLOCK_R=block_r, BLOCK_C=block_c,
-                            num_warps=num_warps, **constexprs)
+    after = () if not per_sample else (0, 1) if samples is None else (samples.stride(0), n_rows // tensors[0].shape[0])
+    plan = _Plan((*strides, n_rows, n_cols), after, programs,
+                 dict(constexprs, ACC=acc, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps))
+    copied = any(a is not b for a, b in zip(laid_out, tensors))
+    return (None if copied else plan), plan, laid_out
+
+
+def _compiled(plan, kernel, result, n_args, tensors):
+    """Keep the compiled kernel ``result`` of the plan's first launch, to launch it directly."""
+    from triton.compiler import CompiledKernel
+    from triton.runtime import driver
+
+    if not isinstance(result, CompiledKernel):
+        return  # Triton's interpreter: launched through kernel[grid] every time
+    active = driver.active
+    plan.tail = tuple(plan.options[name] for name in kernel.arg_names[n_args:])
+    plan.device = tensors[0].get_device()
+    plan.get_device, plan.get_stream = active.get_current_device, active.get_current_stream
+    plan.run, plan.function, plan.packed_metadata = result.run, result.function, result.packed_metadata
+    plan.compiled = result
+
+
+def _launch_compiled(plan, args):
+    """Launch ``plan.compiled`` as ``JITFunction.run`` does, less its binding, specialisation and
+    cache lookup (the plan's key stands for them): ``CompiledKernel.run`` with the grid, the
+    current stream and every argument, the constexprs included. Launch hooks run as Triton runs
+    them, when any is set."""
+    device = plan.device
+    if device >= 0 and plan.get_device() != device:
+        with torch.cuda.device(device):
+            return _launch_compiled(plan, args)
+    stream = plan.get_stream(plan.get_device() if device < 0 else device)
+    hooks = knobs.runtime
+    enter, exit_ = hooks.launch_enter_hook, hooks.launch_exit_hook
+    if getattr(enter, "calls", True) or getattr(exit_, "calls", True):  # a hook is set: run it as Triton does
+        metadata = plan.compiled.launch_metadata((plan.grid, 1, 1), stream, *args, *plan.tail)
+        plan.run(plan.grid, 1, 1, stream, plan.function, plan.packed_metadata, metadata, enter, exit_, *args,
+                 *plan.tail)
+    else:
+        plan.run(plan.grid, 1, 1, stream, plan.function, plan.packed_metadata, None, None, None, *args, *plan.tail)
+
+
+def _launch(kernel, tensors, mutated, samples, scalars, constexprs, per_sample):
+    key = _key(kernel, tensors, mutated, samples, constexprs)
+    plan = _plans.get(key)
+    if plan is not None and plan.compiled is not None:
+        if per_sample:
+            _launch_compiled(plan, (*tensors, *plan.middle, samples, *plan.after, *scalars))
+        else:
+            _launch_compiled(plan, (*tensors, *plan.middle, *scalars))
+        return
+    if plan is None:  # not seen before, or a read tensor needs a copy
+        cached, plan, tensors = _plan(kernel, tensors, mutated, samples, constexprs, per_sample)
+        if len(_plans) >= MAX_PLANS:
+            _plans.clear()
+        _plans[key] = cached
+    args = (*tensors, *plan.middle, samples, *plan.after, *scalars) if per_sample else \
+        (*tensors, *plan.middle, *scalars)
+    if tensors[0].is_cuda:
+        with torch.cuda.device(tensors[0].device):
+            result = kernel[(plan.grid,)](*args, **plan.options)
+    else:
+        result = kernel[(plan.grid,)](*args, **plan.options)
+    if _plans.get(key) is plan:
+        _compiled(plan, kernel, result, len(args), tensors)
 
 
 def launch(kernel, tensors, mutated, *scalars, **constexprs):
     """Launch an elementwise tile kernel whose arguments are ``*tensors, *row_strides, n_rows,
-    n_cols, *scalars``, then the constexprs: ``constexprs``, ``ACC``, ``BLOCK_R``, ``BLOCK_C``."""
+    n_cols, *scalars``, then the constexprs: ``constexprs``, ``ACC``, ``BLOCK_R``, ``BLOCK_C``.
+
+    The row layout, tiling and compiled kernel are cached under :func:`_key`; a launch seen
+    before calls the compiled kernel directly, as inductor's generated launchers do."""
     if tensors[0].numel():
-        _launch(kernel, row_layout(tensors, mutated), scalars, constexprs)
+        _launch(kernel, tensors, mutated, None, scalars, constexprs, False)
 
 
 def launch_per_sample(kernel, tensors, mutated, samples, *scalars, **constexprs):
     """:func:`launch` for a kernel that also takes ``samples, its stride, rows_per_sample`` before
     the scalars: ``samples`` holds one value per index of dim 0 of the tensors (or is None), and
     row ``r`` lies in sample ``r // rows_per_sample``."""
-    if not tensors[0].numel():
-        return
-    layout = row_layout(tensors, mutated, keep_samples=samples is not None)
-    per_sample = (None, 0, 1) if samples is None else (samples, samples.stride(0), layout[0] // tensors[0].shape[0])
-    _launch(kernel, layout, (*per_sample, *scalars), constexprs)
+    if tensors[0].numel():
+        _launch(kernel, tensors, mutated, samples, scalars, constexprs, True)

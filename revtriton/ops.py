@@ -60,6 +60,25 @@ def _check(op, names, args, per_sample=()):
                              f"the device of {names[0]}")
 
 
+def _valid(args, n_names, n_tensors):
+    """What :func:`_check` checks, quickly, for arguments that pass it (it says what is wrong
+    with the others): ``args[:n_names]`` are floating-point tensors of one shape on one device,
+    ``args[n_names:n_tensors]`` None or floating-point tensors of one value per index of dim 0."""
+    first = args[0]
+    if not isinstance(first, torch.Tensor):
+        return False
+    shape, device = first.shape, first.get_device()
+    for t in args[:n_names]:
+        if not (isinstance(t, torch.Tensor) and t.shape == shape and t.get_device() == device
+                and t.is_floating_point()):
+            return False
+    for t in args[n_names:n_tensors]:
+        if t is not None and not (isinstance(t, torch.Tensor) and t.shape == shape[:1]
+                                  and t.get_device() == device and t.is_floating_point()):
+            return False
+    return True
+
+
 # PyTorch's own errors for in-place ops on overlapping memory (ATen's MemoryOverlap.cpp)
 INTERNAL_OVERLAP = ("unsupported operation: more than one element of the written-to tensor refers to a single "
                     "memory location. Please clone() the tensor before performing the operation.")
@@ -135,9 +154,9 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
     ``float`` arguments named in ``scalars`` follow the tensors, in that order.
 
     The op is defined with ``torch.library.Library`` (CPU and CUDA kernels, a fake kernel
-    for torch.compile): a call costs about 7 µs with its checks where
-    ``torch.library.custom_op``'s Python wrapper took 17 µs, and a chain makes 4 calls per
-    block and step. Each kernel bumps the version counters of what it writes, and refuses
+    for torch.compile): a call costs 6-10 µs of host time with its checks and launch (``python
+    -m bench host``) where ``torch.library.custom_op``'s Python wrapper alone took 17 µs, and a
+    chain makes 4 calls per block and step. Each kernel bumps the version counters of what it writes, and refuses
     tensors that require grad while grad is enabled (the ops have no derivative), and
     overlapping operands as PyTorch's in-place ops do (:func:`_refuse_overlap`).
     """
@@ -147,19 +166,25 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
     tensor_names = names + per_sample
     written = [i for i, n in enumerate(tensor_names) if n in mutated]
 
-    def launch(*args):
-        from revtriton import kernels
+    launcher = []  # revtriton.kernels.<kernel>, imported on the first call (kernels import triton)
 
-        getattr(kernels, kernel)(*args)
+    def launch(*args):
+        if not launcher:
+            from revtriton import kernels
+
+            launcher.append(getattr(kernels, kernel))
+        launcher[0](*args)
+
+    n_names, n_tensors = len(names), len(tensor_names)
 
     def kernel_for(run):
         def checked_kernel(*args):
-            _refuse_autograd(name, tensor_names, args)
-            _check(name, names, args, per_sample)
+            if torch.is_grad_enabled():
+                _refuse_autograd(name, tensor_names, args)
+            if not _valid(args, n_names, n_tensors):
+                _check(name, names, args, per_sample)  # raises the error that says what is wrong
             _refuse_overlap(name, tensor_names, args, written)
-            for i in written:
-                if args[i] is not None:
-                    torch.autograd.graph.increment_version(args[i])
+            torch.autograd.graph.increment_version([args[i] for i in written if args[i] is not None])
             run(*args)
         return checked_kernel
 

@@ -288,3 +288,18 @@ def test_the_overhead_row_reports_microseconds_per_block():
         {"workload": "overhead depth 64", "kind": "overhead", "depth": 64, "method": "revtriton", "peak_bytes": 1,
          "step_seconds": 0.0128}])
     assert [report.cells(r)[-2:] for r in rows] == [["1.00", "100"], ["2.00", "200"]]
+
+
+def test_host_job_writes_finite_positive_host_times_of_every_op(tmp_path):
+    proc = bench("host", "--preset", "tiny", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("host-cpu-*.json")
+    data = json.loads(result.read_text())
+    assert {"device", "date", "torch", "triton", "calls", "rounds"} <= data["meta"].keys()
+    calls = {r["call"] for r in data["rows"]}
+    assert calls == {case.name for case in kernels.CASES} | {"add_", "stub launcher alone"}
+    for row in data["rows"]:
+        assert "error" not in row, row
+        for field in ("median_us", "p10_us", "p90_us", "ratio"):
+            assert math.isfinite(row[field]) and row[field] > 0, (row["call"], field)
+    assert "| coupling_forward |" in (tmp_path / result.name.replace(".json", ".md")).read_text()

@@ -317,3 +317,114 @@ def test_half_precision_results_are_the_fp32_computation_rounded_once(name, dtyp
             assert torch.equal(tensors[i], value.to(dtype)), i
         else:
             assert ((tensors[i].float() - value).abs() <= torch.finfo(dtype).eps * value.abs()).all(), i
+
+
+def test_a_changed_stride_dtype_or_alignment_misses_the_launch_cache_and_stays_correct():
+    """Each launch is cached under its shapes, strides, dtypes and 16-byte alignment: a launch
+    that differs in any of them makes its own plan and computes its own right values."""
+    base = torch.randn(4, 66)
+    variants = {
+        "contiguous": lambda: (base[:, :64].contiguous(), base[:, 1:65].contiguous()),
+        "strided": lambda: (base[:, :64].clone(), base[:, :64]),  # b's rows 66 apart
+        "unaligned": lambda: (base[:, :64].contiguous(), base.flatten()[1:257].view(4, 64)),  # b 4 bytes off
+        "fp64": lambda: (base[:, :64].double(), base[:, 1:65].double()),
+        "shape": lambda: (base[:, :64].reshape(8, 32).clone(), base[:, 1:65].reshape(8, 32)),
+    }
+    keys = set()
+    for _ in range(2):  # the second round hits each plan the first made
+        for name, make in variants.items():
+            a, b = make()
+            expected = a.double() + b.double()
+            key = layout._key(kernels.additive._add_kernel, (a, b), (0,), None, {})
+            keys.add(key)
+            kernels.add_(a, b)
+            torch.testing.assert_close(a.double(), expected, msg=name)
+            assert layout._plans[key] is not None, name
+    assert len(keys) == len(variants)
+
+
+def test_a_read_tensor_that_needs_a_copy_is_copied_on_every_launch():
+    """Such a launch's plan is not cached (the copy is of the values at the launch)."""
+    a = torch.zeros(4, 3, 5).permute(1, 0, 2)  # written in its own memory order
+    b = torch.randn(5, 3, 4).permute(1, 2, 0)  # read: no row layout in a's order
+    key = layout._key(kernels.additive._add_kernel, (a, b), (0,), None, {})
+    expected = torch.zeros(3, 4, 5)
+    for _ in range(2):
+        kernels.add_(a, b)
+        expected += b
+        torch.testing.assert_close(a, expected)
+        b.add_(1)  # the same tensor with new values: copied again
+    assert layout._plans[key] is None
+
+
+_STUB_LAUNCHES = r"""
+import json, torch
+from triton.runtime.jit import JITFunction
+from bench import host
+import revtriton
+from revtriton import kernels
+from revtriton.kernels import layout
+
+calls, runs = [], []
+class Launcher(host._Launcher):
+    def __call__(self, *args):
+        calls.append(args)
+class Driver(host.StubDriver):
+    launcher_cls = Launcher
+jit_run = JITFunction.run
+def counted(self, *args, **kwargs):
+    runs.append(self)
+    return jit_run(self, *args, **kwargs)
+JITFunction.run = counted
+
+def same(x, y):
+    return x is y if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) else x == y
+
+out = {}
+with host.stub_driver():
+    from triton.runtime import driver
+    driver.set_active(Driver())
+    for name, (op, args) in host.calls().items():
+        del calls[:], runs[:]
+        layout._plans.clear()  # ops that share a kernel would share a plan
+        with torch.no_grad():
+            op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)  # through JITFunction.run
+            op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)  # the compiled kernel, direct
+        first, second = calls
+        out[name] = {"jit_runs": len(runs), "n": len(first),
+                     "same": len(first) == len(second) and all(same(x, y) for i, (x, y) in enumerate(zip(first, second))
+                                                                if i not in (6, 7, 8)),
+                     "hooks": [second[i] for i in (6, 7, 8)]}
+    # a 4-byte offset operand is specialised otherwise: a new compile, not the aligned plan's kernel
+    base = torch.randn(1024 + 1)
+    a, b = torch.randn(1024), base[:1024]
+    kernels.add_(a, b)
+    aligned = layout._plans[layout._key(kernels.additive._add_kernel, (a, b), (0,), None, {})].compiled
+    b = base[1:]
+    del runs[:]
+    kernels.add_(a, b)
+    unaligned = layout._plans[layout._key(kernels.additive._add_kernel, (a, b), (0,), None, {})].compiled
+    out["alignment"] = {"jit_runs": len(runs), "distinct": aligned is not unaligned}
+print(json.dumps(out))
+"""
+
+
+def test_a_cached_launch_passes_the_launcher_what_the_jit_passes(tmp_path):
+    """Compiled for sm_90 with Triton's driver stubbed (bench/host.py): for every op, the
+    second, cached launch calls the driver's launcher with the very arguments the first launch,
+    through ``JITFunction.run``, passed it (the launch hooks aside: none is set, so None), and
+    runs no JIT; a differently aligned operand compiles a kernel of its own."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _STUB_LAUNCHES], cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    alignment = out.pop("alignment")
+    assert alignment == {"jit_runs": 1, "distinct": True}
+    for name, r in out.items():
+        assert r["jit_runs"] == 1 and r["same"] and r["hooks"] == [None, None, None], (name, r)
