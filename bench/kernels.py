@@ -139,13 +139,6 @@ CASES = (
          lambda x, v, dx, dv: ops.momentum_backward_x(x, v, dx, dv, BETA), _momentum_backward_x),
     Case("momentum_backward_v", ("v", "f", "dx", "fx", "dv"), ("v", "dx", "dv"),
          lambda v, f, dx, fx, dv: ops.momentum_backward_v(v, f, dx, fx, dv, BETA), _momentum_backward_v),
-    # the backward of the inverse (training through it), against the ops' own PyTorch references
-    Case("affine_inverse_backward", ("x", "dx", "s", "ds"), ("x", "dx", "ds"),
-         lambda x, dx, s, ds: ops.affine_inverse_backward(x, dx, s, ds, None, CLAMP),
-         lambda x, dx, s, ds: ops._affine_inverse_backward(x, dx, s, ds, None, CLAMP), ("ds",)),
-    Case("momentum_inverse_backward", ("x", "v", "f", "dx", "fx", "dv"), ("x", "v", "dx", "dv"),
-         lambda x, v, f, dx, fx, dv: ops.momentum_inverse_backward(x, v, f, dx, fx, dv, BETA),
-         lambda x, v, f, dx, fx, dv: ops._momentum_inverse_backward(x, v, f, dx, fx, dv, BETA)),
 )
 
 
