@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import fsdp
+from . import fsdp, structure
 from .replay import Recorder, run_checked, run_side_effect_free
 from .side import NO_SIDE_INPUTS, SideInputs
 from .stream import from_stream, to_stream
@@ -91,8 +91,8 @@ def trainable_parameters(blocks):
     """The distinct parameters of ``blocks`` that require grad, in order."""
     seen = {}
     for block in blocks:
-        for p in block.parameters():
-            if p.requires_grad:
+        for _, kind, _, p in structure.slots(block)[1]:
+            if kind == "_parameters" and p.requires_grad:
                 seen.setdefault(id(p), p)
     return list(seen.values())
 

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
+from . import structure
+
 
 def check_output(name, out, x):
     """Raise a ValueError unless ``out = name(x)`` has x's shape, device and dtype.
@@ -137,9 +139,7 @@ class Call(NamedTuple):
 
 def _record(name, module, run):
     """Run ``run()`` (the call of ``module``) and return ``(its output, its Call)`` (RNG state None)."""
-    modules = list(module.modules())
-    slots = [(m, kind, k, t) for m in modules for kind in ("_parameters", "_buffers")
-             for k, t in getattr(m, kind).items() if t is not None]
+    modules, slots = structure.slots(module)
     buffers = [i for i, (_, kind, _, _) in enumerate(slots) if kind == "_buffers"]
     versions = {i: slots[i][3]._version for i in buffers}
     copies = {i: slots[i][3].clone() for i in buffers}

@@ -321,3 +321,17 @@ def test_f_modifying_a_side_input_in_place_is_refused_naming_the_block_and_keywo
     chain = rt.ReversibleSequential(rt.ReversibleBlock(tanh_linear(3), Increments(), dim=-1))
     with pytest.raises(RuntimeError, match=r"blocks\[0\]\.g \(Increments\) modified its side input 'm' in place"):
         chain(torch.randn(4, 6, requires_grad=grad), m=torch.randn(3))
+
+
+def test_the_cached_structure_sees_parameters_and_modules_registered_after_a_first_step():
+    """revtriton.structure caches each module's walk until something is registered: a parameter
+    swapped in or a submodule added after a step takes part in the next one, as in eager."""
+    chain = rt.ReversibleSequential(*[rt.ReversibleBlock(tanh_linear(3), tanh_linear(3), dim=-1) for _ in range(2)])
+    x = torch.randn(4, 6)
+    chain(x.requires_grad_()).sum().backward()
+    chain[0].f[0].weight = nn.Parameter(torch.randn(3, 3))  # a new parameter object
+    chain[1].g.append(nn.Linear(3, 3))  # a new submodule
+    del chain[1].f[0].bias  # a slot deleted without registration
+    chain[1].f[0].register_parameter("bias", None)
+    chain.zero_grad(set_to_none=True)
+    assert_equal_to_eager(chain, x)
