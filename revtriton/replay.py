@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import structure
 
@@ -117,9 +118,18 @@ def check_reads(out, inputs, name, module):
 def _unaliased(g, grad):
     """``g``, or a copy of it if it shares storage with ``grad``: the gradient of an addend is the
     incoming gradient itself, a view of the chain's gradient stream, which later blocks overwrite."""
-    if g is not None and grad is not None and g.untyped_storage().data_ptr() == grad.untyped_storage().data_ptr():
+    if g is not None and grad is not None and _shares_storage(g, grad):
         return g.clone()
     return g
+
+
+def _shares_storage(t, plain):
+    """Whether ``t`` or, for a tensor subclass wrapping others (a DTensor's local shard, which has
+    no storage of its own), any tensor inside it shares storage with the plain tensor ``plain``."""
+    if is_traceable_wrapper_subclass(t):
+        inner = (getattr(t, name) for name in t.__tensor_flatten__()[0])
+        return any(_shares_storage(u, plain) for u in inner if isinstance(u, torch.Tensor))
+    return t.untyped_storage().data_ptr() == plain.untyped_storage().data_ptr()
 
 
 class Call(NamedTuple):
