@@ -13,6 +13,7 @@ Blocks call F and G through ``run(name, module, half)`` (see :mod:`revtriton.blo
 chain's ``run`` names the call ``blocks[i].name`` and passes the module its side inputs.
 """
 import functools
+import sys
 import weakref
 from typing import Callable, NamedTuple
 
@@ -65,6 +66,11 @@ def check_chain_input(blocks, x):
     """Raise a clear error, before any state changes, unless every block accepts ``x``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input is {type(x).__name__}; expected a torch.Tensor")
+    if isinstance(x, getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())):
+        raise TypeError(f"input is a {type(x).__name__} ({x.placements} on {x.device_mesh}); expected a plain "
+                        f"torch.Tensor: the chain's in-place ops have no sharding rules. Pass x.to_local() (a "
+                        f"rank's shard, e.g. its tokens) and keep the stream between blocks a plain tensor; "
+                        f"parallelize inside F and G (parallelize_module on their submodules)")
     if not x.is_floating_point():
         raise TypeError(f"input has dtype {x.dtype}; expected a floating dtype (float32, float16, "
                         f"bfloat16 or float64)")

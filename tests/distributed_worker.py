@@ -219,6 +219,8 @@ RUNNERS.update({name: _inverse for name in SCENARIOS if name.endswith("_inverse"
 
 
 def run_scenario(name, rank, world):
+    if name in STANDALONE:
+        return STANDALONE[name](rank, world)
     wrap, model_kwargs = SCENARIOS[name]
     wrapped, model = wrap(make_model(**model_kwargs))
     x = batch(model).chunk(world)[rank]
@@ -245,3 +247,102 @@ def worker(rank, world, port, out_dir, scenarios):
     finally:
         torch.save(results, f"{out_dir}/rank{rank}.pt")
         dist.destroy_process_group()
+
+
+# Tensor and sequence parallelism inside F and G (issue 16): the stream between blocks stays a
+# plain local tensor; F and G take and return plain tensors, their parameters DTensors.
+
+def mlp(d):
+    return nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+
+def mlp_chain():
+    """Two reversible blocks whose F and G are MLPs (Linear-GELU-Linear), on the last dim."""
+    torch.manual_seed(0)
+    half = FEATURES // 2
+    return rt.ReversibleSequential(*[rt.ReversibleBlock(mlp(half), mlp(half), dim=-1) for _ in range(2)])
+
+
+def mlp_input():
+    return torch.randn(BATCH, TOKENS + 1, FEATURES, generator=torch.Generator().manual_seed(2))
+
+
+def token_loss(y, tokens):
+    """A sum over tokens (the whole sequence's ``tokens``): the ranks' losses on their token
+    slices add up to the whole sequence's; the weights make each element's gradient differ."""
+    w = torch.linspace(-1, 1, y.shape[-1])
+    return ((y * w).sum() + y.square().sum()) / tokens
+
+
+def tp_reference():
+    """Parameter and input gradients of one process on the whole input."""
+    chain, x = mlp_chain(), mlp_input().requires_grad_()
+    token_loss(chain(x), x.shape[1]).backward()
+    return {name: p.grad for name, p in chain.named_parameters()}, x.grad
+
+
+def _mesh(world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (world,))
+
+
+def _parallelize(chain, world, sequence=False):
+    """ColwiseParallel on each MLP's first Linear, RowwiseParallel on its second; with
+    ``sequence``, Megatron's sequence parallelism: F takes and returns its rank's token slice
+    (dim 1), gathered before the first Linear and reduce-scattered after the second."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = _mesh(world)
+    styles = ({"0": ColwiseParallel(input_layouts=Shard(1)), "2": RowwiseParallel(output_layouts=Shard(1))}
+              if sequence else {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    for block in chain:
+        for m in (block.f, block.g):
+            parallelize_module(m, mesh, styles)
+    return chain
+
+
+def _tp_step(chain, x, tokens):
+    x = x.detach().requires_grad_()
+    y = chain(x)
+    token_loss(y, tokens).backward()
+    return {"grads": {name: _full(p.grad) for name, p in chain.named_parameters()}, "input_grad": x.grad,
+            "stream_types": [type(y).__name__]}
+
+
+def tp_colwise_rowwise(rank, world):
+    """Each rank the whole input; F's and G's Linears split over the ranks."""
+    x = mlp_input()
+    return _tp_step(_parallelize(mlp_chain(), world), x, x.shape[1])
+
+
+def tp_sequence_parallel_stream(rank, world):
+    """Each rank its slice of the tokens as a plain tensor; F and G token-wise with replicated
+    parameters; parameter gradients summed over the ranks (the input's stay per slice)."""
+    x = mlp_input()
+    res = _tp_step(mlp_chain(), x.chunk(world, dim=1)[rank], x.shape[1])
+    for g in res["grads"].values():
+        dist.all_reduce(g)
+    return res
+
+
+def tp_megatron_sequence_parallel(rank, world):
+    """Each rank its slice of the tokens as a plain tensor; F and G Colwise/Rowwise, gathering the
+    tokens before their first Linear and reduce-scattering them after their second."""
+    x = mlp_input()
+    return _tp_step(_parallelize(mlp_chain(), world, sequence=True), x.chunk(world, dim=1)[rank], x.shape[1])
+
+
+def tp_dtensor_stream_refused(rank, world):
+    """A DTensor given as the stream: refused before anything runs (the chain's own ops have no
+    sharding rules; naive ones gave wrong gradients silently)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    chain = _parallelize(mlp_chain(), world)
+    chain(DTensor.from_local(mlp_input(), _mesh(world), [Replicate()]).requires_grad_())
+    return {}
+
+
+STANDALONE = {f.__name__: f for f in (tp_colwise_rowwise, tp_sequence_parallel_stream,
+                                      tp_megatron_sequence_parallel, tp_dtensor_stream_refused)}

@@ -1,5 +1,6 @@
-"""DistributedDataParallel and FSDP2 around a reversible chain (issue 3, point 9), and FSDP2
-units inside it: per block, per F and G, nested (issue 16).
+"""DistributedDataParallel and FSDP2 around a reversible chain (issue 3, point 9), FSDP2
+units inside it: per block, per F and G, nested, and tensor and sequence parallelism inside
+F and G around a plain local stream (issue 16).
 
 Two CPU processes on a gloo process group over loopback run every scenario of
 tests/distributed_worker.py once (one spawn for the module); each test then compares one
@@ -33,7 +34,7 @@ def free_port():
 def runs(tmp_path_factory):
     """Each rank's results, by scenario. Worker processes are killed if they outlive TIMEOUT_S."""
     out = tmp_path_factory.mktemp("distributed")
-    context = mp.start_processes(worker.worker, args=(WORLD, free_port(), str(out), list(worker.SCENARIOS)),
+    context = mp.start_processes(worker.worker, args=(WORLD, free_port(), str(out), list(worker.SCENARIOS) + list(worker.STANDALONE)),
                                  nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -188,4 +189,38 @@ def test_fsdp2_units_the_chain_cannot_drive_are_refused_clearly(runs, scenario, 
         error = runs[rank][scenario].get("error")
         assert error is not None and error.startswith("RuntimeError"), error
         for word in words:
+            assert word in error, error
+
+
+@pytest.mark.parametrize("scenario", ["tp_colwise_rowwise", "tp_sequence_parallel_stream",
+                                      "tp_megatron_sequence_parallel"])
+def test_tensor_parallel_f_and_g_around_a_local_stream_give_single_process_gradients(runs, scenario):
+    """The stream between blocks stays a plain local tensor; parallelism lives inside F and G.
+    tp_colwise_rowwise: each rank the whole input, each MLP's Linears ColwiseParallel and
+    RowwiseParallel (DTensor parameters; F and G take and return plain tensors).
+    tp_sequence_parallel_stream: each rank its slice of the tokens, token-wise F and G with
+    replicated parameters, parameter gradients summed over the ranks.
+    tp_megatron_sequence_parallel: each rank its token slice, F and G gathering the tokens before
+    their Colwise Linear and reduce-scattering them after their Rowwise one. Each parameter's full
+    gradient, and each rank's input gradient (its slice), equal one process's on the whole input."""
+    expected, expected_input = worker.tp_reference()
+    for rank in range(WORLD):
+        res = result(runs, scenario, rank)
+        assert res["stream_types"] == ["Tensor"]
+        assert res["grads"].keys() == expected.keys()
+        for name, g in res["grads"].items():
+            assert rel_err(g, expected[name]) <= 1e-5, (scenario, rank, name)
+        if scenario != "tp_colwise_rowwise":
+            expected_input = worker.tp_reference()[1].chunk(WORLD, dim=1)[rank]
+        assert rel_err(res["input_grad"], expected_input) <= 1e-5, (scenario, rank)
+
+
+def test_a_dtensor_stream_is_refused_clearly(runs):
+    """The chain's own in-place ops have no sharding rules (DTensor fails inside them, and naive
+    elementwise rules gave wrong gradients silently): a DTensor input is refused before anything
+    runs, saying what to pass instead."""
+    for rank in range(WORLD):
+        error = runs[rank]["tp_dtensor_stream_refused"].get("error")
+        assert error is not None and error.startswith("TypeError: input is a DTensor"), error
+        for word in ["Replicate", "x.to_local()", "plain tensor", "inside F and G"]:
             assert word in error, error
