@@ -136,6 +136,7 @@ def lines(ranks):
 
 
 def main(out_dir, steps=5):
+    os.makedirs(out_dir, exist_ok=True)  # the ranks write there first
     ranks = run(steps, out_dir)
     table = lines(ranks)
     print(text_table(COLUMNS, table))

@@ -109,7 +109,7 @@ class ChainUnits:
                 self.units.append(unit)
                 for slot in _slots(group):
                     by_slot[slot] = unit
-        self.calls, self.per_block, self.states, self.dtype = {}, {}, {}, {}
+        self.calls, self.per_block, self.states, self.dtype, self.of_block = {}, {}, {}, {}, {}
         for i, block in enumerate(blocks):
             counts, order = {}, []
             block_state = fsdp.get_state(block)
@@ -127,6 +127,7 @@ class ChainUnits:
                     order.append(u)
             shared = [u for u in dict.fromkeys(order) if counts[u] > 1]
             self.per_block[i] = shared
+            self.of_block[i] = list(dict.fromkeys(order))
             for name in block.FUNCTIONS:
                 key = (i, id(getattr(block, name)))
                 self.calls[key] = [u for u in self.calls[key] if u not in shared]
@@ -210,6 +211,23 @@ def _gather(units):
             g._training_state = before
 
 
+def _prefetch(units, i):
+    """Start the all-gathers of block ``i``'s units (none if ``i`` is None) without waiting: the
+    next block's parameters arrive while this block computes, as FSDP2 prefetches for ordinary
+    models; :func:`_gather` waits for them when block ``i`` runs."""
+    if i is None:
+        return
+    ts = internals().TrainingState
+    for u in units.of_block[i]:
+        g = u.group
+        before = g._training_state
+        g._training_state = ts.PRE_BACKWARD  # as in _gather
+        try:
+            g.unshard(async_op=True)
+        finally:
+            g._training_state = before
+
+
 def _reshard_after_forward(units):
     """Reshard ``units`` after their forward use, unless built with reshard_after_forward=False."""
     ts = internals().TrainingState
@@ -232,19 +250,21 @@ def _cast_run(run, dtype):
     return cast
 
 
-def forward_block(units, i, run):
+def forward_block(units, i, run, following=None):
     """A context giving the ``run(name, module, x, kwargs)`` that block ``i`` of a chain runs its
     F/G calls with, forward or inverse: each call's units gathered around it, the block's shared
-    units around the block. ``run`` itself when the chain holds no unit (a plain nullcontext,
-    which torch.compile traces)."""
-    return contextlib.nullcontext(run) if units is None else _forward_block(units, i, run)
+    units around the block, and the units of the block that runs next (``following``, or None)
+    prefetched. ``run`` itself when the chain holds no unit (a plain nullcontext, which
+    torch.compile traces)."""
+    return contextlib.nullcontext(run) if units is None else _forward_block(units, i, run, following)
 
 
 @contextlib.contextmanager
-def _forward_block(units, i, run):
+def _forward_block(units, i, run, following):
     pre_backward = internals().TrainingState.PRE_BACKWARD
     shared = units.per_block[i]
     _gather(shared)
+    _prefetch(units, following)
 
     def block_run(name, module, x, kwargs):
         key = (i, id(module))
@@ -279,20 +299,22 @@ def _post_backward(units):
         u.group.post_backward()
 
 
-def backward_block(units, i, vjp):
+def backward_block(units, i, vjp, following=None):
     """A context giving the ``vjp(module, x, grad, negate)`` that block ``i`` recomputes its F/G calls
     with in the chain's backward: each call's units gathered around it, their gradients handed
     to FSDP (reduce-scattered) as soon as the call's backward is done, and left out of the
-    ``[(param, grad)]`` it returns; the block's shared units the same around the whole block.
-    ``vjp`` itself when the chain holds no unit."""
-    return contextlib.nullcontext(vjp) if units is None else _backward_block(units, i, vjp)
+    ``[(param, grad)]`` it returns; the block's shared units the same around the whole block;
+    the units of the block recomputed next (``following``, or None) prefetched. ``vjp`` itself
+    when the chain holds no unit."""
+    return contextlib.nullcontext(vjp) if units is None else _backward_block(units, i, vjp, following)
 
 
 @contextlib.contextmanager
-def _backward_block(units, i, vjp):
+def _backward_block(units, i, vjp, following):
     pre_backward = internals().TrainingState.PRE_BACKWARD
     shared = units.per_block[i]
     _gather(shared)
+    _prefetch(units, following)
     shared_ids = {k: u for u in shared for k in u.unsharded()}
 
     def block_vjp(module, x, grad, negate=False):

@@ -47,6 +47,11 @@ def in_order(blocks, direction):
     return pairs[::-1] if direction.reversed else pairs
 
 
+def following(order, k):
+    """The index of the block that runs after the ``k``-th of ``order`` (pairs), or None."""
+    return order[k + 1][0] if k + 1 < len(order) else None
+
+
 def side_inputs(blocks, kwargs):
     """``kwargs`` as the side inputs of a call of ``blocks``: a TypeError, before any state
     changes, for a keyword that none of their F and G modules takes."""
@@ -203,8 +208,9 @@ class ReversibleChainFunction(torch.autograd.Function):
         wants_grad = ctx.needs_input_grad[7 + len(param_grads):]
         side = ctx.side.replaced([t.detach().requires_grad_(w) for t, w in zip(side_tensors, wants_grad)])
         vjp, side_grads = ctx.recorder.replay_reversed(side)
-        for b, block in reversed(in_order(ctx.blocks, ctx.direction)):
-            with fsdp.backward_block(ctx.units, b, vjp) as block_vjp:
+        order = in_order(ctx.blocks, ctx.direction)[::-1]
+        for k, (b, block) in enumerate(order):
+            with fsdp.backward_block(ctx.units, b, vjp, following(order, k)) as block_vjp:
                 for p, g in getattr(block, ctx.direction.back)(stream, grad, block_vjp, grad_log_det):
                     i = ctx.param_index.get(id(p))
                     if g is not None and i is not None:
@@ -221,8 +227,9 @@ def run_chain(blocks, x, run, log_det, side, direction=FORWARD, units=None):
     dim = blocks[0].dim
     stream = to_stream(x, dim)
     ld = new_log_det(blocks, x) if log_det else None
-    for i, block in in_order(blocks, direction):
-        with fsdp.forward_block(units, i, run) as block_run:
+    order = in_order(blocks, direction)
+    for k, (i, block) in enumerate(order):
+        with fsdp.forward_block(units, i, run, following(order, k)) as block_run:
             getattr(block, direction.step)(stream, runner(block_run, side, i), ld)
     return from_stream(stream, dim), ld
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 import revtriton as rt
+from revtriton import fsdp as revtriton_fsdp
 from revtriton.models import EncoderDecoder
 
 BATCH, FEATURES, CLASSES, TOKENS = 4, 8, 3, 5
@@ -186,6 +187,7 @@ SCENARIOS = {  # name: (wrapper, Model's keyword arguments)
     "fsdp2_per_f_and_g_mixed_precision": (_mixed_precision(fs_and_gs), {}),
     "fsdp2_per_block_mixed_precision_fp32_root": (_mixed_precision(blocks, root_policy=False), {"shared": False}),
     "fsdp2_per_block_inverse": (_fsdp(blocks), {"shared": False}),
+    "fsdp2_per_block_prefetch": (_fsdp(lambda m: list(m.chain)), {"shared": False}),
     # refused before anything runs
     "fsdp2_per_block_no_root": (_fsdp(blocks, root=False), {"shared": False}),
     "fsdp2_unit_with_a_module_outside": (_fsdp(lambda m: [[m.chain[0].f, m.head]]), {"shared": False}),
@@ -214,7 +216,30 @@ def _inverse(name, wrapped, model, x, params):
         return {"input": h, "output": y, "expected": expected, "inverse": model.chain.inverse(y)}
 
 
+def _prefetches(name, wrapped, model, x, params):
+    """One step, recording each asynchronous all-gather a unit starts (the chain's prefetch of
+    the next block's units) by unit, in order."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    units = {id(g): i for i, b in enumerate(model.chain) for g in revtriton_fsdp.internals().groups(
+        revtriton_fsdp.internals().get_state(b))}
+    started, unshard = [], FSDPParamGroup.unshard
+
+    def recorded(group, async_op=False):
+        if async_op:
+            started.append(units.get(id(group)))
+        return unshard(group, async_op)
+
+    FSDPParamGroup.unshard = recorded
+    try:
+        grads, _ = _step(wrapped, x, params)
+    finally:
+        FSDPParamGroup.unshard = unshard
+    return {"grads": grads, "prefetched": started}
+
+
 RUNNERS = {name: _accumulate for name in SCENARIOS if name.endswith("_accumulate")}
+RUNNERS["fsdp2_per_block_prefetch"] = _prefetches
 RUNNERS.update({name: _inverse for name in SCENARIOS if name.endswith("_inverse")})
 
 

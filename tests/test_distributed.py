@@ -131,6 +131,15 @@ def test_fsdp2_units_inside_the_chain_give_single_process_gradients(runs, scenar
     assert_grads_equal_single_process(runs, scenario)
 
 
+def test_each_block_prefetches_the_next_blocks_units_in_both_directions(runs):
+    """While block i runs (forward: 0, 1, 2) or recomputes (backward: 2, 1, 0), the all-gather of
+    the next block's unit is already started, as FSDP2 prefetches for ordinary models: at most
+    two units are gathered at a time."""
+    assert_grads_equal_single_process(runs, "fsdp2_per_block_prefetch")
+    for rank in range(WORLD):
+        assert result(runs, "fsdp2_per_block_prefetch", rank)["prefetched"] == [1, 2, 1, 0]
+
+
 @pytest.mark.parametrize("scenario", ["fsdp2_per_block_accumulate", "fsdp2_per_f_and_g_accumulate"])
 def test_fsdp2_units_inside_the_chain_accumulate_gradients_without_sync(runs, scenario):
     """set_requires_gradient_sync(False) for one backward, True for the next, without zeroing:
