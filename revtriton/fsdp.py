@@ -197,35 +197,33 @@ def _training_state(states, value):
             s._training_state = b
 
 
+@contextlib.contextmanager
+def _pre_backward(group):
+    """``group`` pre-backward for the block of code: an all-gather then frees its buffer at once
+    (not deferred to the next forward)."""
+    before = group._training_state
+    group._training_state = internals().TrainingState.PRE_BACKWARD
+    try:
+        yield
+    finally:
+        group._training_state = before
+
+
 def _gather(units):
-    """All-gather ``units`` (the ones not gathered yet) and wait for them."""
-    ts = internals().TrainingState
+    """All-gather ``units`` (the ones not gathered or prefetched yet) and wait for them."""
     for u in units:
-        g = u.group
-        before = g._training_state
-        g._training_state = ts.PRE_BACKWARD  # frees the all-gather buffer at once (not deferred)
-        try:
-            g.unshard()
-            g.wait_for_unshard()
-        finally:
-            g._training_state = before
+        with _pre_backward(u.group):
+            u.group.unshard()
+            u.group.wait_for_unshard()
 
 
 def _prefetch(units, i):
     """Start the all-gathers of block ``i``'s units (none if ``i`` is None) without waiting: the
     next block's parameters arrive while this block computes, as FSDP2 prefetches for ordinary
     models; :func:`_gather` waits for them when block ``i`` runs."""
-    if i is None:
-        return
-    ts = internals().TrainingState
-    for u in units.of_block[i]:
-        g = u.group
-        before = g._training_state
-        g._training_state = ts.PRE_BACKWARD  # as in _gather
-        try:
-            g.unshard(async_op=True)
-        finally:
-            g._training_state = before
+    for u in [] if i is None else units.of_block[i]:
+        with _pre_backward(u.group):
+            u.group.unshard(async_op=True)
 
 
 def _reshard_after_forward(units):
