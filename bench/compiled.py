@@ -85,8 +85,8 @@ def launches(layout, precision):
         "momentum_backward_x_": lambda: k.momentum_backward_x_(*halves(), *halves(), 0.9),
         "momentum_backward_v_": lambda: k.momentum_backward_v_(halves()[1], out(), halves()[0], out(dtype),
                                                                halves()[1], 0.9),
-        "momentum_inverse_backward_": lambda: k.momentum_inverse_backward_(*halves(), out(), halves()[0],
-                                                                           out(dtype), halves()[1], 0.9),
+        "momentum_inverse_backward_": lambda: k.momentum_inverse_backward_(halves()[0], out(dtype), halves()[1],
+                                                                           0.9),
     }
 
 

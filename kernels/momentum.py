@@ -5,9 +5,11 @@
     backward_x    x = x - v;   dv = (1 - beta) * (dx + dv)
     backward_v    v = (v - (1 - beta) * f) / beta;   dx = dx + fx;   dv = dv * beta / (1 - beta)
 
-The backward of the inverse (training through ``inverse``) rebuilds the forward's output:
+The backward of the inverse (training through ``inverse``) rebuilds the forward's output with
+``forward`` and then, in a pass over the gradients alone (the operands are disjoint, so one
+fused pass would move no fewer bytes, and with six operands it spilled registers):
 
-    inverse_backward    v = beta * v + (1 - beta) * f;  x = x + v;  dx = dx + fx;  dv = -dv / (1 - beta) - dx
+    inverse_backward    dx = dx + fx;  dv = -dv / (1 - beta) - dx
 
 after ``dv *= -(1 - beta) / beta`` and the vjp of F at x with that gradient, which gives ``fx``.
 
@@ -84,24 +86,15 @@ def _backward_v_kernel(v_ptr, f_ptr, dx_ptr, fx_ptr, dv_ptr, v_stride, f_stride,
 
 
 @triton.jit
-def _inverse_backward_kernel(x_ptr, v_ptr, f_ptr, dx_ptr, fx_ptr, dv_ptr, x_stride, v_stride, f_stride, dx_stride,
-                             fx_stride, dv_stride, n_rows, n_cols, beta: tl.float64, ACC: tl.constexpr,
-                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _inverse_backward_kernel(dx_ptr, fx_ptr, dv_ptr, dx_stride, fx_stride, dv_stride, n_rows, n_cols,
+                             dv_scale: tl.float64, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
-    x_ptrs = at(x_ptr, x_stride, rows, cols)
-    v_ptrs = at(v_ptr, v_stride, rows, cols)
     dx_ptrs = at(dx_ptr, dx_stride, rows, cols)
     dv_ptrs = at(dv_ptr, dv_stride, rows, cols)
-    x = tl.load(x_ptrs, mask=mask).to(ACC)
-    v = tl.load(v_ptrs, mask=mask).to(ACC)
-    f = tl.load(at(f_ptr, f_stride, rows, cols), mask=mask).to(ACC)
     dx = tl.load(dx_ptrs, mask=mask).to(ACC) + tl.load(at(fx_ptr, fx_stride, rows, cols), mask=mask).to(ACC)
-    dv = tl.load(dv_ptrs, mask=mask).to(ACC)
-    v = tl.full((), beta, ACC) * v + tl.full((), 1.0 - beta, ACC) * f
-    tl.store(v_ptrs, v.to(v_ptr.dtype.element_ty), mask=mask)
-    tl.store(x_ptrs, (x + v).to(x_ptr.dtype.element_ty), mask=mask)
     tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, (-dv * (1 / tl.full((), 1.0 - beta, ACC)) - dx).to(dv_ptr.dtype.element_ty), mask=mask)
+    dv = tl.load(dv_ptrs, mask=mask).to(ACC) * tl.full((), dv_scale, ACC) - dx
+    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 def momentum_forward_(x, v, f, beta):
@@ -124,7 +117,6 @@ def momentum_backward_v_(v, f, dx, fx, dv, beta):
     launch(_backward_v_kernel, (v, f, dx, fx, dv), (0, 2, 4), beta)
 
 
-def momentum_inverse_backward_(x, v, f, dx, fx, dv, beta):
-    """In one pass, ``v = beta * v + (1 - beta) * f``, ``x += v``, ``dx += fx`` and
-    ``dv = -dv / (1 - beta) - dx`` (the new dx)."""
-    launch(_inverse_backward_kernel, (x, v, f, dx, fx, dv), (0, 1, 3, 5), beta)
+def momentum_inverse_backward_(dx, fx, dv, beta):
+    """In one pass, ``dx += fx`` and ``dv = -dv / (1 - beta) - dx`` (the new dx)."""
+    launch(_inverse_backward_kernel, (dx, fx, dv), (0, 2), -1.0 / (1.0 - beta))

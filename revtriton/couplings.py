@@ -209,7 +209,8 @@ class MomentumBlock(_Coupling):
         (x, v), (dx, dv) = xv, dxv
         dv.mul_(-(1 - self.beta) / self.beta)  # dL/dF(x) = -(1 - beta) / beta * dv
         f, f_x, f_params = vjp(self.f, x, dv)
-        ops.momentum_inverse_backward(x, v, f, dx, torch.zeros_like(f) if f_x is None else f_x, dv, self.beta)
+        ops.momentum_forward(x, v, f, self.beta)  # v' = beta * v + (1 - beta) * f,  x' = x + v'
+        ops.momentum_inverse_backward(dx, torch.zeros_like(f) if f_x is None else f_x, dv, self.beta)
         return f_params
 
     def eager_forward(self, xv, log_det=None, run=call):

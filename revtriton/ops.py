@@ -254,7 +254,7 @@ def _affine_inverse_backward(x, dx, s, ds, ld_grad, clamp):
     if ld_grad is not None:
         grad += ld_grad.to(grad.dtype).view(-1, *[1] * (x.ndim - 1))
     x.copy_(x_ * scale)
-    dx.copy_(dx_ / scale)
+    dx.copy_(dx_ * (-clamp * th).exp())
     ds.copy_(-grad * (1 - th * th))
 
 
@@ -283,12 +283,9 @@ def _momentum_backward_v(v, f, dx, fx, dv, beta):
     dv.copy_(dv_ * (beta / (1 - beta)))
 
 
-def _momentum_inverse_backward(x, v, f, dx, fx, dv, beta):
-    x_, v_, f_, dx_, fx_, dv_ = _acc(x, v, f, dx, fx, dv)
-    v_ = beta * v_ + (1 - beta) * f_
+def _momentum_inverse_backward(dx, fx, dv, beta):
+    dx_, fx_, dv_ = _acc(dx, fx, dv)
     dx_ = dx_ + fx_
-    v.copy_(v_)
-    x.copy_(x_ + v_)
     dx.copy_(dx_)
     dv.copy_(-dv_ / (1 - beta) - dx_)
 
@@ -310,5 +307,5 @@ momentum_backward_v = define("momentum_backward_v", ("v", "f", "dx", "fx", "dv")
 affine_inverse_backward = define("affine_inverse_backward", ("x", "dx", "s", "ds"), ("x", "dx", "ds"),
                                  "affine_inverse_backward_", _affine_inverse_backward, per_sample=("ld_grad",),
                                  scalars=("clamp",))
-momentum_inverse_backward = define("momentum_inverse_backward", ("x", "v", "f", "dx", "fx", "dv"), ("x", "v", "dx", "dv"),
+momentum_inverse_backward = define("momentum_inverse_backward", ("dx", "fx", "dv"), ("dx", "dv"),
                                    "momentum_inverse_backward_", _momentum_inverse_backward, scalars=("beta",))

@@ -70,7 +70,7 @@ def _op_args(name, shape=(3, 5)):
         "momentum_inverse": lambda: (r(), r(), BETA),
         "momentum_backward_x": lambda: (r(), r(), r(), r(), BETA),
         "momentum_backward_v": lambda: (r(), r(), r(), r(), r(), BETA),
-        "momentum_inverse_backward": lambda: (r(), r(), r(), r(), r(), r(), BETA),
+        "momentum_inverse_backward": lambda: (r(), r(), r(), BETA),
     }[name]()
 
 
