@@ -285,16 +285,19 @@ def _reversible_with_grad(blocks, x, preserve_rng_state, log_det, kwargs, direct
     if x.requires_grad or params or any(t.requires_grad for t in side.tensors):
         return ReversibleChainFunction.apply(x, tuple(blocks), direction, preserve_rng_state, log_det, side,
                                              len(params), *params, *side.tensors)
-    return _without_grad(blocks, x, log_det, kwargs, direction, side)
+    # grad enabled: F and G are called as in training (an inverse updates BatchNorm statistics too)
+    return _without_grad(blocks, x, log_det, kwargs, direction, side, run_checked)
 
 
 @torch.no_grad()
-def _without_grad(blocks, x, log_det, kwargs, direction, side=None):
-    """The chain with nothing kept for a recompute (torch.compile traces through it)."""
+def _without_grad(blocks, x, log_det, kwargs, direction, side=None, run=None):
+    """The chain with nothing kept for a recompute (torch.compile traces through it), calling F
+    and G with ``run`` (by default as ``direction`` does without grad)."""
     side = _checked_side_inputs(blocks, x, kwargs) if side is None else side
     if not blocks:
         return (x, new_log_det(blocks, x)) if log_det else x
-    y, ld = run_chain(blocks, x, direction.run_without_grad, log_det, side, direction, fsdp.chain_units(blocks))
+    run = direction.run_without_grad if run is None else run
+    y, ld = run_chain(blocks, x, run, log_det, side, direction, fsdp.chain_units(blocks))
     return (y, ld) if log_det else y
 
 

@@ -229,3 +229,17 @@ def test_a_tensor_read_any_other_way_in_the_inverse_is_a_clear_error():
     x = chain.inverse(torch.randn(4, 6, requires_grad=True))
     with pytest.raises(RuntimeError, match=r"blocks\[0\]\.f \(_Callable\) reads a tensor that requires grad"):
         x.sum().backward()
+
+
+def test_with_grad_enabled_an_inverse_updates_buffers_as_its_eager_twin_even_if_nothing_requires_grad():
+    """Found by the fuzzer's long mode: grad mode, not requires_grad, decides whether an inverse
+    is a training pass (a momentum block whose f is a BatchNorm has no parameter that requires grad)."""
+    chain = rt.ReversibleSequential(rt.MomentumBlock(nn.Sequential(nn.BatchNorm1d(3), nn.Tanh()), dim=-1))
+    chain.requires_grad_(False)
+    twin = copy.deepcopy(chain)
+    twin.reversible = False
+    y = torch.randn(5, 6)
+    assert rel_err(chain.inverse(y), twin.inverse(y)) <= 1e-12
+    for k, v in chain.state_dict().items():
+        assert rel_err(v.double(), twin.state_dict()[k].double()) <= 1e-12, k
+    assert chain.state_dict()["0.f.0.num_batches_tracked"] == 1
