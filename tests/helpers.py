@@ -55,3 +55,27 @@ def loss_of(y):
     """A loss whose gradient differs per element (a plain sum would hide mistakes)."""
     w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
     return (y * w).sum() + y.square().mean()
+
+
+class AddendSide(nn.Module):
+    """``tanh(W x) + cond``: a side input of exactly the half's shape added to the output (its
+    gradient is the incoming gradient itself)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x, cond):
+        return torch.tanh(self.lin(x)) + cond
+
+
+class AddendParam(nn.Module):
+    """``tanh(W x) + bias``, ``bias`` a Parameter of exactly the half's shape (at batch 1)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.lin = nn.Linear(shape[-1], shape[-1])
+        self.bias = nn.Parameter(torch.randn(shape))
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) + self.bias

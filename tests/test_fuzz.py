@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import revtriton as rt
-from helpers import loss_of, rel_err
+from helpers import AddendParam, AddendSide, loss_of, rel_err
 
 # The errors a reversible chain may raise instead of computing what its eager twin computes:
 # (exception type, regex searched in the message).
@@ -107,29 +107,6 @@ class TinyAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
         return self.out(att @ v)
-
-
-class AddendSide(nn.Module):
-    """``tanh(W x) + cond``: a side input of exactly the half's shape added to the output."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.lin = nn.Linear(d, d)
-
-    def forward(self, x, cond):
-        return torch.tanh(self.lin(x)) + cond
-
-
-class AddendParam(nn.Module):
-    """``tanh(W x) + bias``, ``bias`` a Parameter of exactly the half's shape."""
-
-    def __init__(self, shape):
-        super().__init__()
-        self.lin = nn.Linear(shape[-1], shape[-1])
-        self.bias = nn.Parameter(torch.randn(shape))
-
-    def forward(self, x):
-        return torch.tanh(self.lin(x)) + self.bias
 
 
 class TupleSide(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import revtriton as rt
-from helpers import loss_of, rel_err
+from helpers import AddendParam, AddendSide, loss_of, rel_err
 
 @pytest.fixture(autouse=True)
 def _float64():
@@ -49,57 +49,34 @@ def assert_equal_to_eager(chain, x, between=None, tol=1e-10, **side):
         assert rel_err(state[k].double(), state_twin[k].double()) <= tol, k
 
 
-class AddCond(nn.Module):
-    """``tanh(l(x)) + cond``: an addend of exactly a half's shape (the incoming gradient itself)."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.l = nn.Linear(d, d)
-
-    def forward(self, x, cond):
-        return torch.tanh(self.l(x)) + cond
-
-
-class AddPosition(nn.Module):
-    """``tanh(l(x)) + pos`` with a parameter of a half's shape (at batch 1)."""
-
-    def __init__(self, shape):
-        super().__init__()
-        self.l = nn.Linear(shape[-1], shape[-1])
-        self.pos = nn.Parameter(torch.randn(shape))
-
-    def forward(self, x):
-        return torch.tanh(self.l(x)) + self.pos
-
-
 def tanh_linear(d):
     return nn.Sequential(nn.Linear(d, d), nn.Tanh())
 
 
 @pytest.mark.parametrize("where", ["f", "g", "both"])
 def test_a_side_input_of_a_halfs_shape_added_in_f_or_g_gets_eagers_gradient(where):
-    f = AddCond(3) if where in ("f", "both") else tanh_linear(3)
-    g = AddCond(3) if where in ("g", "both") else tanh_linear(3)
+    f = AddendSide(3) if where in ("f", "both") else tanh_linear(3)
+    g = AddendSide(3) if where in ("g", "both") else tanh_linear(3)
     chain = rt.ReversibleSequential(*[rt.ReversibleBlock(copy.deepcopy(f), copy.deepcopy(g), dim=-1)
                                       for _ in range(3)])
     assert_equal_to_eager(chain, torch.randn(4, 6), cond=torch.randn(4, 3, requires_grad=True))
 
 
 def test_a_parameter_of_a_halfs_shape_gets_eagers_gradient():
-    chain = rt.ReversibleSequential(*[rt.ReversibleBlock(AddPosition((1, 3)), AddPosition((1, 3)), dim=-1)
+    chain = rt.ReversibleSequential(*[rt.ReversibleBlock(AddendParam((1, 3)), AddendParam((1, 3)), dim=-1)
                                       for _ in range(3)])
     assert_equal_to_eager(chain, torch.randn(1, 6))
 
 
 @pytest.mark.parametrize("log_det", [False, True])
 def test_an_affine_shift_that_adds_a_side_input_gets_eagers_gradient(log_det):
-    chain = rt.ReversibleSequential(*[rt.AffineBlock(tanh_linear(3), AddCond(3), dim=-1, swap=i % 2 == 1)
+    chain = rt.ReversibleSequential(*[rt.AffineBlock(tanh_linear(3), AddendSide(3), dim=-1, swap=i % 2 == 1)
                                       for i in range(3)], log_det=log_det)
     assert_equal_to_eager(chain, torch.randn(4, 6), cond=torch.randn(4, 3, requires_grad=True))
 
 
 def test_a_momentum_f_that_adds_a_side_input_gets_eagers_gradient():
-    chain = rt.ReversibleSequential(*[rt.MomentumBlock(AddCond(3), dim=-1) for _ in range(3)])
+    chain = rt.ReversibleSequential(*[rt.MomentumBlock(AddendSide(3), dim=-1) for _ in range(3)])
     assert_equal_to_eager(chain, torch.randn(4, 6), cond=torch.randn(4, 3, requires_grad=True))
 
 
