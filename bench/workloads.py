@@ -5,8 +5,9 @@ Methods: ``eager`` (the eager twin, plain autograd), ``checkpoint`` (the eager t
 the peers ``memcnn``, ``revlib`` and ``revtorch`` (the same F and G in their reversible
 wrappers; additive chains only). The ``overhead`` workload is a deep chain of tiny F and G
 (``Linear + Tanh``), where a step costs host time (Python, dispatch, autograd, launches) and
-not arithmetic: the regime of RevNets on small maps and of any model on a fast GPU. The affine sweep is a flow trained on its negative log-likelihood
-(output and log-determinant), against its eager twin. The transformer runs causal with a
+not arithmetic: the regime of RevNets on small maps and of any model on a fast GPU. The
+affine sweep is a flow trained on its negative log-likelihood (output and log-determinant),
+against its eager twin. The transformer runs causal with a
 padding mask (side inputs); the encoder-decoder's decoder attends to the encoder's output (a
 side input) with padding masks on both sides. Every method of a workload starts from the same
 parameters (seed 0).
@@ -205,7 +206,8 @@ def suite(preset):
                                     for k in ("transformer", "encdec")]
     if preset == "cpu":
         sweep = [dict(kind=k, depth=d, batch=32, channels=32, size=32) for k in ("chain", "affine") for d in (4, 16, 64)]
-        refs = [overhead] + [dict(kind="cifar", model=m, batch=8, size=32) for m in ("revnet38", "resnet32", "revnet110")]
+        refs = [overhead] + [dict(kind="cifar", model=m, batch=8, size=32)
+                             for m in ("revnet38", "resnet32", "revnet110")]
         refs += [dict(kind="transformer", width=256, depth=8, heads=4, tokens=128, batch=4),
                  dict(kind="encdec", width=256, depth=4, heads=4, tokens=128, batch=4)]
         return sweep, refs

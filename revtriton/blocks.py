@@ -15,7 +15,8 @@ along the block's ``dim`` (``x1, x2 = x``).
   mirror: x becomes y (F and G run forward again) and dx becomes dy.
 
 ``eager_forward(x, log_det=None, run=call)`` and ``eager_inverse(y, log_det=None, run=call)``
-compute the same with plain autograd (for debugging). ``FUNCTIONS`` names the block's F and G submodules: the ones that take side inputs.
+compute the same with plain autograd (for debugging). ``FUNCTIONS`` names the block's F and G
+submodules: the ones that take side inputs.
 
 ``run(name, module, input)`` and ``vjp(module, input, grad, negate=False)`` call F and G; the chain picks
 them so that the recompute replays the forward's RNG and autocast state and every call gets
