@@ -11,9 +11,11 @@ module as the forward left it, so BatchNorm running statistics are updated once,
 What cannot be replayed is an error: a buffer the forward read, modified in place since.
 """
 import contextlib
+import ctypes
 from typing import NamedTuple
 
 import torch
+from torch.autograd.graph import _engine_run_backward
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -88,6 +90,9 @@ def run_side_effect_free(name, module, x, kwargs):
         return run_checked(name, module, x, kwargs)
 
 
+_AccumulateGrad = torch._C._functions.AccumulateGrad  # the graph node of a leaf that requires grad
+
+
 def check_reads(out, inputs, name, module):
     """Raise a RuntimeError if ``out``'s graph reaches a tensor that requires grad other than
     through ``inputs`` (the recompute's input, parameters and side inputs): a tensor F or G
@@ -100,10 +105,11 @@ def check_reads(out, inputs, name, module):
         if node is None or node in seen:
             continue
         seen.add(node)
-        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
-        if leaf is None:
+        if type(node) is not _AccumulateGrad:
             stack.extend(next_node for next_node, _ in node.next_functions)
-        elif id(leaf) not in allowed:
+            continue
+        leaf = node.variable  # a leaf that requires grad
+        if id(leaf) not in allowed:
             what = "a parameter" if isinstance(leaf, torch.nn.Parameter) else "a leaf tensor"
             raise RuntimeError(
                 f"{name} ({type(module).__name__}) reads a tensor that requires grad but is neither its input, one "
@@ -144,16 +150,28 @@ class Call(NamedTuple):
     before: dict
     modules: list
     training: tuple
-    rng_state: tuple
+    rng_state: "RngState"
 
 
-def _record(name, module, run):
-    """Run ``run()`` (the call of ``module``) and return ``(its output, its Call)`` (RNG state None)."""
+class RngState(NamedTuple):
+    """The CPU RNG state, the CUDA device's (or None) and their bytes (to compare)."""
+    cpu: torch.Tensor
+    cuda: object
+    key: bytes
+
+
+def _bytes(t):
+    """The bytes of the contiguous CPU tensor ``t``."""
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
+
+
+def _record(name, module, x, kwargs):
+    """``(module(x, **kwargs) checked by run_checked, its Call)`` (RNG state None)."""
     modules, slots = structure.slots(module)
     buffers = [i for i, (_, kind, _, _) in enumerate(slots) if kind == "_buffers"]
     versions = {i: slots[i][3]._version for i in buffers}
     copies = {i: slots[i][3].clone() for i in buffers}
-    out = run()
+    out = run_checked(name, module, x, kwargs)
     before = {i: copies[i] for i in buffers if slots[i][3]._version != versions[i]}
     return out, Call(name, slots, versions, before, modules, tuple(m.training for m in modules), None)
 
@@ -180,25 +198,27 @@ def _replacements(call, module):
     return tensors, list(aliases.items())
 
 
-@contextlib.contextmanager
-def _as_the_forward_saw(call, tensors):
-    """Put ``tensors`` in ``call``'s slots and its training flags on its modules, then back
-    (the flags only where they changed since: setting one costs an ``nn.Module.__setattr__``)."""
-    now = [getattr(owner, kind)[key] for owner, kind, key, _ in call.slots]
+def _swap(call, tensors, training):
+    """Put ``tensors`` in ``call``'s slots and the ``training`` flags on its modules; return
+    ``(tensors, training)`` as they were, which put back what was there (a flag is set only where
+    it differs: setting one costs an ``nn.Module.__setattr__``)."""
+    was = [getattr(owner, kind)[key] for owner, kind, key, _ in call.slots]
+    for (owner, kind, key, _), t in zip(call.slots, tensors):
+        getattr(owner, kind)[key] = t
     flags = tuple(m.training for m in call.modules)
-    try:
-        for (owner, kind, key, _), t in zip(call.slots, tensors):
-            getattr(owner, kind)[key] = t
-        if flags != call.training:
-            for m, flag in zip(call.modules, call.training):
-                m.training = flag
-        yield
-    finally:
-        for (owner, kind, key, _), t in zip(call.slots, now):
-            getattr(owner, kind)[key] = t
-        if flags != call.training:
-            for m, flag in zip(call.modules, flags):
-                m.training = flag
+    if flags != training:
+        for m, flag in zip(call.modules, training):
+            m.training = flag
+    return was, flags
+
+
+def _grads(out, inputs, grad):
+    """``torch.autograd.grad(out, inputs, grad, allow_unused=True)``. For a plain tensor, the
+    engine is called directly: autograd.grad's Python checks cost more than a small F's backward
+    and the engine validates the gradient's shape and dtype itself."""
+    if type(out) is not torch.Tensor:  # a subclass may override autograd.grad (__torch_function__)
+        return torch.autograd.grad(out, inputs, grad, allow_unused=True)
+    return _engine_run_backward((out,), (grad,), False, False, inputs, True, False)
 
 
 class Recorder:
@@ -223,28 +243,35 @@ class Recorder:
         self.rng_state = self._rng_state() if preserve_rng_state else None  # where the next call starts
 
     def _rng_state(self):
+        """The RNG states a call may draw from (CPU, and the chain's CUDA device), with their
+        bytes, which compare faster than the tensors (``torch.equal`` costs more than the read)."""
+        cpu = torch.get_rng_state()
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return torch.get_rng_state(), cuda
+        key = _bytes(cpu) if cuda is None else _bytes(cpu) + _bytes(cuda)
+        return RngState(cpu, cuda, key)
 
     def forward(self, name, module, x, kwargs):
         """``module(x, **kwargs)`` in the chain's forward, recorded for its recompute.
 
         The RNG state is read once per call: the state a call ends with is the next call's
         start, and it is kept only for a call that changed it (drew random numbers)."""
-        out, call = _record(name, module, lambda: run_checked(name, module, x, kwargs))
+        out, call = _record(name, module, x, kwargs)
         if self.preserve_rng_state:
             after = self._rng_state()
-            if not all(a is None or torch.equal(a, b) for a, b in zip(after, self.rng_state)):
+            if after.key != self.rng_state.key:
                 call, self.rng_state = call._replace(rng_state=self.rng_state), after
         self.calls.append(call)
         return out
 
-    def _replayed(self, rng_state):
-        """A context that restores ``rng_state`` (or None) and the forward's autocast state;
-        a no-op when there is neither (deterministic F and G, autocast off throughout)."""
-        autocasts = [torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=self.autocast_cache)
-                     for device_type, (enabled, dtype) in self.autocast.items()
-                     if enabled or torch.is_autocast_enabled(device_type)]
+    def _autocasts(self):
+        """The autocast contexts (as ``(device type, dtype, enabled)``) that put a recompute in
+        the forward's autocast state: none where autocast is off now and was off then."""
+        return [(device_type, dtype, enabled) for device_type, (enabled, dtype) in self.autocast.items()
+                if enabled or torch.is_autocast_enabled(device_type)]
+
+    def _replayed(self, rng_state, autocasts):
+        """A context that restores ``rng_state`` (or None) and enters ``autocasts``; a no-op when
+        there is neither (deterministic F and G, autocast off throughout)."""
         if rng_state is None and not autocasts:
             return contextlib.nullcontext()
         return self._replaying(rng_state, autocasts)
@@ -253,13 +280,14 @@ class Recorder:
     def _replaying(self, rng_state, autocasts):
         with contextlib.ExitStack() as stack:
             if rng_state is not None:
-                cuda = [self.device] if rng_state[1] is not None else []
+                cuda = [self.device] if rng_state.cuda is not None else []
                 stack.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
-                torch.set_rng_state(rng_state[0])
+                torch.set_rng_state(rng_state.cpu)
                 if cuda:
-                    torch.cuda.set_rng_state(rng_state[1], self.device)
-            for autocast in autocasts:
-                stack.enter_context(autocast)
+                    torch.cuda.set_rng_state(rng_state.cuda, self.device)
+            for device_type, dtype, enabled in autocasts:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled,
+                                                   cache_enabled=self.autocast_cache))
             yield
 
     def replay_reversed(self, side):
@@ -270,39 +298,48 @@ class Recorder:
         tensor of ``side`` (None where none flowed)."""
         calls = reversed(self.calls)
         side_grads = [None] * len(side.tensors)
+        wanted = [(i, t) for i, t in enumerate(side.tensors) if t.requires_grad]
+        autocasts = self._autocasts()
 
         def vjp(module, x, grad, negate=False):
-            return self._vjp(module, x, grad, side, side_grads, next(calls), negate)
+            call = next(calls)
+            out, grads, params = self._vjp(module, x, grad, side, [t for _, t in wanted], call, autocasts, negate)
+            for (i, _), g in zip(wanted, grads[1:]):
+                if g is not None:
+                    side_grads[i] = g if side_grads[i] is None else side_grads[i] + g
+            return out, grads[0] if grads else None, params
 
         return vjp, side_grads
 
-    def _vjp(self, module, x, grad, side, side_grads, call, negate):
+    def _vjp(self, module, x, grad, side, side_leaves, call, autocasts, negate):
         """Recompute ``out = module(x, **side inputs)`` (``-module(...)`` with ``negate``: the
         backward of an inverse, which subtracts F) as ``call`` ran it in forward and pull
         ``grad`` back through it.
 
-        Returns ``(out, dL/dx, [(param, dL/dparam), ...])`` with ``out`` detached, and adds the
-        side inputs' gradients to ``side_grads``; a gradient is None where ``out`` does not depend
-        on that input, and never aliases ``grad``. ``grad`` may be a function of the detached
-        ``out`` that returns the gradient (an affine coupling's scale needs ``out``). Raises a
-        RuntimeError if ``out`` depends on a tensor that requires grad and is none of these
-        inputs (:func:`check_reads`).
+        Returns ``(out, [dL/dx, *dL/dside_leaves], [(param, dL/dparam), ...])`` (the list empty
+        where ``out`` depends on nothing that requires grad) with ``out`` detached; a gradient is
+        None where ``out`` does not depend on that input, and never aliases ``grad``. ``grad`` may
+        be a function of the detached ``out`` that returns the gradient (an affine coupling's
+        scale needs ``out``). Raises a RuntimeError if ``out`` depends on a tensor that requires
+        grad and is none of these inputs (:func:`check_reads`).
         """
         leaf = x.detach().requires_grad_()
         tensors, trainable = _replacements(call, module)
-        wanted = [i for i, t in enumerate(side.tensors) if t.requires_grad]
-        inputs = [leaf, *(a for _, a in trainable), *(side.tensors[i] for i in wanted)]
-        with torch.enable_grad(), self._replayed(call.rng_state), _as_the_forward_saw(call, tensors):
-            out = module(leaf, **side.for_module(module))
-            out = -out if negate else out
+        kwargs = side.for_module(module)
+        saw = _swap(call, tensors, call.training)
+        try:
+            with torch.enable_grad(), self._replayed(call.rng_state, autocasts):
+                out = module(leaf, **kwargs)
+                out = -out if negate else out
+        finally:
+            _swap(call, *saw)
         if callable(grad):
             grad = grad(out.detach())
         if not out.requires_grad:
-            return out.detach(), None, []
+            return out.detach(), [], []
+        inputs = (leaf, *(alias for _, alias in trainable), *side_leaves)
         check_reads(out, inputs, call.name, module)
-        grads = torch.autograd.grad(out, inputs, grad.to(out.dtype), allow_unused=True)
-        grads = [grads[0], *(_unaliased(g, grad) for g in grads[1:])]
-        for i, g in zip(wanted, grads[1 + len(trainable):]):
-            if g is not None:
-                side_grads[i] = g if side_grads[i] is None else side_grads[i] + g
-        return out.detach(), grads[0], [(p, g) for (p, _), g in zip(trainable, grads[1:])]
+        grads = _grads(out, inputs, grad.to(out.dtype))
+        n = len(trainable)
+        param_grads = [(p, _unaliased(g, grad)) for (p, _), g in zip(trainable, grads[1:1 + n])]
+        return out.detach(), [grads[0], *(_unaliased(g, grad) for g in grads[1 + n:])], param_grads
