@@ -155,10 +155,10 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
 
     The op is defined with ``torch.library.Library`` (CPU and CUDA kernels, a fake kernel
     for torch.compile): a call costs 6-10 µs of host time with its checks and launch (``python
-    -m bench host``) where ``torch.library.custom_op``'s Python wrapper alone took 17 µs, and a
-    chain makes 4 calls per block and step. Each kernel bumps the version counters of what it writes, and refuses
-    tensors that require grad while grad is enabled (the ops have no derivative), and
-    overlapping operands as PyTorch's in-place ops do (:func:`_refuse_overlap`).
+    -m bench host``) where ``torch.library.custom_op``'s Python wrapper alone took 17 µs. Each
+    kernel bumps the version counters of what it writes, and refuses tensors that require grad
+    while grad is enabled (the ops have no derivative), and overlapping operands as PyTorch's
+    in-place ops do (:func:`_refuse_overlap`). Returns the :class:`ChainOp` the blocks call.
     """
     args = [f"Tensor({n}!) {n}" if n in mutated else f"Tensor {n}" for n in names]
     args += [f"Tensor({n}!)? {n}" if n in mutated else f"Tensor? {n}" for n in per_sample]
@@ -177,6 +177,9 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
 
     n_names, n_tensors = len(names), len(tensor_names)
 
+    def run_cpu(*args):
+        (launch if interpreting() else reference)(*args)
+
     def kernel_for(run):
         def checked_kernel(*args):
             if torch.is_grad_enabled():
@@ -188,10 +191,43 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
             run(*args)
         return checked_kernel
 
-    _lib.impl(name, kernel_for(lambda *args: (launch if interpreting() else reference)(*args)), "CPU")
+    _lib.impl(name, kernel_for(run_cpu), "CPU")
     _lib.impl(name, kernel_for(launch), "CUDA")
     torch.library.register_fake(f"revtriton::{name}", lambda *args: None, lib=_lib)
-    return getattr(torch.ops.revtriton, name).default
+    return ChainOp(getattr(torch.ops.revtriton, name).default, run_cpu, launch, written)
+
+
+def _watched():
+    """Whether anything besides the dispatcher's routing could act on an op call now:
+    torch.compile recording it, a torch function or dispatch mode (fake tensors,
+    FlopCounterMode, ...), a functorch transform (vmap's tensors are plain ``torch.Tensor``s)
+    or the profiler, which records ops by name."""
+    return (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._len_torch_dispatch_stack() > 0 or torch._C._are_functorch_transforms_active()
+            or torch.autograd.profiler._is_profiler_enabled)
+
+
+class ChainOp:
+    """An op as the blocks call it on a chain's own operands: halves of the chain's streams and
+    the outputs of F and G, which the chain has checked (shape, device, floating dtype; see
+    :func:`revtriton.replay.check_output`) and which cannot overlap a half they are written
+    into. In plain eager code (nothing :func:`_watched`, every operand a ``torch.Tensor`` itself
+    on CPU or CUDA) the call runs the kernel the dispatcher would pick without the op's argument
+    checks, bumping the versions of what it writes: together those cost four times a small
+    coupling's launch (``python -m bench host``), and a chain makes four calls per block and
+    step. Otherwise (torch.compile, fake or meta tensors, the profiler) it calls the op.
+    ``torch.ops.revtriton.<name>``, the op itself, checks every call.
+    """
+
+    def __init__(self, op, cpu, cuda, written):
+        self.op, self.cpu, self.cuda, self.written = op, cpu, cuda, written
+
+    def __call__(self, *args):
+        first = args[0]
+        if _watched() or type(first) is not torch.Tensor or not (first.is_cpu or first.is_cuda):
+            return self.op(*args)
+        torch.autograd.graph.increment_version([args[i] for i in self.written if args[i] is not None])
+        (self.cuda if first.is_cuda else self.cpu)(*args)
 
 
 def _sub_add(a, b, c, d):

@@ -36,8 +36,8 @@ def check_output(name, out, x):
     if out.device != x.device:
         raise ValueError(f"{name} returned a tensor on {out.device}; expected {x.device}, its input's device")
     # autocast knows no meta device (and torch.compile of torch 2.11 cannot trace is_autocast_available)
-    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type) and out.is_floating_point()
-    if out.dtype != x.dtype and not autocast:
+    if out.dtype != x.dtype and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+                                     and out.is_floating_point()):
         raise ValueError(f"{name} returned dtype {out.dtype}; expected {x.dtype}, its input's dtype "
                          f"(cast inside F/G, or use torch.autocast to compute in lower precision)")
 
@@ -330,6 +330,7 @@ class Recorder:
         try:
             with torch.enable_grad(), self._replayed(call.rng_state, autocasts):
                 out = module(leaf, **kwargs)
+                check_output(call.name, out, leaf)  # the blocks' ops take it unchecked (ops.ChainOp)
                 out = -out if negate else out
         finally:
             _swap(call, *saw)

@@ -128,3 +128,55 @@ def test_operands_pytorch_accepts_are_accepted_and_computed():
     expected = s[0] + 0.9 * s[1] + 0.1 * f, 0.9 * s[1] + 0.1 * f
     torch.ops.revtriton.momentum_forward(s[0], s[1], f, 0.9)
     torch.testing.assert_close((s[0], s[1]), expected)
+
+
+def test_the_blocks_calls_run_the_ops_kernel_in_eager_and_the_op_where_something_watches():
+    """ops.ChainOp (what the blocks call): in plain eager, the kernel without the dispatcher, the
+    same result and version bump; under a dispatch mode or the profiler, the op itself."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from revtriton import ops
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    a, b, c, d = _args(4)
+    expected = a - b, c + d
+    before = a._version, c._version
+    ops.coupling_backward(a, b, c, d)
+    torch.testing.assert_close((a, c), expected)
+    assert a._version > before[0] and c._version > before[1]
+    with Seen() as seen:
+        ops.coupling_forward(a, b)
+    assert seen.ops == ["revtriton.coupling_forward.default"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops.coupling_inverse(a, b)
+    assert "revtriton::coupling_inverse" in {e.name for e in prof.events()}
+    torch.testing.assert_close((a, c), expected)
+    meta = torch.empty(3, 5, device="meta")
+    ops.coupling_forward(meta, meta)  # the op's fake kernel: nothing to compute
+
+
+def test_a_recompute_whose_output_changed_shape_is_refused_naming_the_call():
+    """The blocks' ops take F's and G's outputs unchecked: the recompute checks them itself."""
+    import revtriton as rt
+
+    class Shrinks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.calls = torch.nn.Linear(3, 3), 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.lin(x) if self.calls == 1 else self.lin(x)[:-1]
+
+    chain = rt.ReversibleSequential(rt.ReversibleBlock(Shrinks(), torch.nn.Linear(3, 3)))
+    y = chain(torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"blocks\[0\].f returned shape \(3, 3\); expected \(4, 3\)"):
+        y.sum().backward()
