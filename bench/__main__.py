@@ -40,7 +40,7 @@ def main(argv=None):
     elif args.job == "suite":
         suite.main(args.preset, args.peers, args.out, args.steps)
     elif args.job == "kernels":
-        kernels.main(args.out)
+        kernels.main(args.out, tiny=args.preset == "tiny")
     elif args.job == "compiled":
         compiled.main(args.target or tuple(compiled.TARGETS), args.layout or tuple(compiled.LAYOUTS), args.out)
     elif args.job == "host":
