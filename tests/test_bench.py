@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from bench import __main__ as cli
-from bench import kernels, report, suite
-from bench.measure import run
+from bench import graphs, kernels, report, suite
+from bench.measure import interleaved_seconds, run
 from bench.workloads import as_method, build, build_reversible, by_method, label
 from revtriton import saved_activation_bytes
 
@@ -333,7 +333,7 @@ def test_by_method_refuses_an_unknown_method_and_a_peer_on_a_workload_it_cannot_
 
 def test_build_only_goes_with_the_suite_only(tmp_path):
     proc = bench("kernels", "--build-only", tmp_path=tmp_path)
-    assert proc.returncode == 2 and "--build-only goes with the suite job, not 'kernels'" in proc.stderr
+    assert proc.returncode == 2 and "--build-only goes with the suite and graphs jobs, not 'kernels'" in proc.stderr
 
 
 
@@ -378,3 +378,37 @@ def test_host_job_writes_finite_positive_host_times_of_every_op(tmp_path):
         for field in ("median_us", "p10_us", "p90_us", "ratio"):
             assert math.isfinite(row[field]) and row[field] > 0, (row["call"], field)
     assert "| coupling_forward |" in (tmp_path / result.name.replace(".json", ".md")).read_text()
+
+
+# python -m bench graphs: CUDA only; on CPU its models, its uncaptured steps and its report
+
+def test_graphs_job_builds_every_model_with_build_only_and_says_why_it_measures_nothing_on_cpu(tmp_path):
+    proc = bench("graphs", "--build-only", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(graphs.WORKLOADS) * len(graphs.VARIANTS)
+    assert all("parameters, input" in line and "FAILED" not in line for line in lines), lines
+    assert "overhead depth 64  revtriton captured: " in proc.stdout
+    if not torch.cuda.is_available():
+        proc = bench("graphs", tmp_path=tmp_path)
+        assert proc.returncode == 0 and "no CUDA device" in proc.stdout and not list(tmp_path.iterdir())
+
+
+def test_graphs_rows_compare_each_captured_step_with_its_methods_uncaptured_one(tmp_path):
+    workload = dict(kind="overhead", width=4, depth=2, batch=2)
+    uncaptured = [v for v, (_, capture, _) in graphs.VARIANTS.items() if not capture]
+    times = interleaved_seconds({v: graphs.maker(workload, v, torch.device("cpu")) for v in uncaptured},
+                                torch.device("cpu"), 2)
+    times["revtriton captured"] = {"seconds": times["revtriton"]["seconds"] / 4}
+    times["revtriton captured, RNG preserved"] = {"error": "RuntimeError: Cannot call CUDAGeneratorImpl::current_seed"}
+    rows = graphs.rows_of(workload, times)
+    by_variant = {r["variant"]: r for r in rows}
+    assert by_variant["revtriton captured"]["time_ratio"] == pytest.approx(0.25)
+    assert by_variant["eager"]["time_ratio"] == 1 and by_variant["revtriton"]["step_seconds"] > 0
+    assert "time_ratio" not in by_variant["revtriton captured, RNG preserved"]
+    meta = report.meta(torch.device("cpu"), kind="cuda", warmup=graphs.WARMUP)
+    assert graphs.save(rows, meta, str(tmp_path)).startswith(f"results: {tmp_path}/graphs-cuda-{meta['date']}.json")
+    markdown = (tmp_path / f"graphs-cuda-{meta['date']}.md").read_text()
+    assert "| overhead depth 2 | revtriton captured, RNG preserved | error: RuntimeError: Cannot call" in markdown
+    assert "| overhead depth 2 | revtriton captured |" in markdown
+    assert json.loads((tmp_path / f"graphs-cuda-{meta['date']}.json").read_text())["rows"] == rows
