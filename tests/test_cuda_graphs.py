@@ -1,9 +1,10 @@
 """A chain's training step captured in a CUDA graph and replayed gives its eager twin's gradients
-(issue 18). Whole-network capture as PyTorch's CUDA graphs notes describe it: warm-up steps on
-a side stream, static inputs, gradients set to None before capture (the capture allocates them
-in the graph's pool, and every replay writes them), no optimizer; and partial-network capture
-with torch.cuda.make_graphed_callables. Additive and affine blocks (with a log-determinant),
-fp32. Unrun so far: written on a machine without a GPU.
+(issue 18). Whole-network capture as PyTorch's CUDA graphs notes describe it (warm-up steps on a
+side stream, static inputs, gradients set to None before capture: the capture allocates them in
+the graph's pool and every replay writes them; no optimizer), the way ``python -m bench graphs``
+captures its steps; and partial-network capture with torch.cuda.make_graphed_callables. Additive
+and affine blocks (with a log-determinant), fp32. Unrun so far: written on a machine without a
+GPU.
 
 The chain's recorder reads torch.cuda.get_rng_state() once per forward when the RNG state is
 preserved (the default), and PyTorch forbids that during capture ("Cannot call
@@ -16,13 +17,13 @@ import pytest
 import torch
 
 import revtriton as rt
+from bench.graphs import WARMUP, captured
 
 from helpers import loss_of, mlp, randn, rel_err
 
 pytestmark = pytest.mark.cuda
 
 BATCH, TOKENS, WIDTH = 4, 8, 32
-WARMUP = 3
 
 
 def chain(preserve_rng_state):
@@ -52,22 +53,16 @@ def eager_gradients(model, x):
 
 
 def captured_step(model, static_x):
-    """Capture ``loss(model(static_x)).backward()`` in a CUDA graph; return ``(graph, static loss)``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP):  # lazy initialisation, Triton's compilation, autograd's device threads
-            model.zero_grad(set_to_none=True)
-            static_x.grad = None
-            loss(model(static_x)).backward()
-    torch.cuda.current_stream().wait_stream(side)
-    model.zero_grad(set_to_none=True)
-    static_x.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = loss(model(static_x))
-        static_loss.backward()
-    return graph, static_loss
+    """Capture ``loss(model(static_x)).backward()`` in a CUDA graph as ``python -m bench graphs``
+    does (:func:`bench.graphs.captured`); return ``(graph, static loss)``."""
+    static = {}
+
+    def step():
+        static["loss"] = loss(model(static_x))  # the last call is the captured one
+        static["loss"].backward()
+
+    graph = captured(model, static_x, step)
+    return graph, static["loss"]
 
 
 def assert_twins_gradients(model, x, value, grads, dx):
