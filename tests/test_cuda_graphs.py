@@ -6,8 +6,9 @@ captures its steps; and partial-network capture with torch.cuda.make_graphed_cal
 and affine blocks (with a log-determinant), fp32. Unrun so far: written on a machine without a
 GPU.
 
-The chain's recorder reads torch.cuda.get_rng_state() once per forward when the RNG state is
-preserved (the default), and PyTorch forbids that during capture ("Cannot call
+When the RNG state is preserved (the default), the chain's recorder reads
+torch.cuda.get_rng_state() as the forward starts and after each F/G call (revtriton/replay.py,
+Recorder), and PyTorch forbids that during capture ("Cannot call
 CUDAGeneratorImpl::current_seed during CUDA graph capture"): capture works with
 ``preserve_rng_state=False``; the default is pinned as a strict xfail.
 """
@@ -105,8 +106,8 @@ def test_a_chain_graphed_by_make_graphed_callables_trains_like_its_eager_twin():
 
 @pytest.mark.xfail(strict=True, raises=RuntimeError,
                    reason="with preserve_rng_state=True (the default) the chain's forward reads "
-                          "torch.cuda.get_rng_state() (revtriton/replay.py, Recorder._rng_state), which PyTorch "
-                          "forbids during CUDA graph capture")
+                          "torch.cuda.get_rng_state() (revtriton/replay.py, Recorder.__init__ and Recorder.forward "
+                          "through Recorder._rng_state), which PyTorch forbids during CUDA graph capture")
 def test_capture_with_the_rng_state_preserved():
     model = chain(preserve_rng_state=True)
     static_x = randn(BATCH, TOKENS, WIDTH, device="cuda", requires_grad=True)
