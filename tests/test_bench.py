@@ -199,14 +199,14 @@ def test_kernel_results_are_written_as_json_and_markdown_named_by_device_kind_an
     assert "L2: 50 MiB" in table[2] and "sleep kernel" in table[2]
 
 
-def test_kernels_job_writes_a_tiny_smoke_run_on_cpu_with_every_case_finite(tmp_path):
+def test_kernels_job_writes_a_tiny_smoke_run_with_every_case_finite(tmp_path):
     proc = bench("kernels", "--preset", "tiny", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (result,) = tmp_path.glob("kernels-cpu-*.json")
+    (result,) = tmp_path.glob("kernels-*.json")  # kernels-cpu-DATE here, kernels-cuda-DATE on a GPU
     data = json.loads(result.read_text())
     assert {(r["op"], r["dtype"]) for r in data["rows"]} == {(c.name, d) for c in kernels.CASES for d in kernels.DTYPES}
     for r in data["rows"]:
-        assert r["fused_finite"] and r["eager_finite"] and r["sets"] == 2, r
+        assert r["fused_finite"] and r["eager_finite"] and r["sets"] >= 2, r
         for field in ("fused_seconds", "fused_host_seconds", "eager_seconds", "eager_host_seconds", "fused_gbs"):
             assert math.isfinite(r[field]) and r[field] > 0, (r["op"], field)
     assert "| momentum_inverse_backward | bf16 |" in (tmp_path / result.name.replace(".json", ".md")).read_text()
@@ -226,7 +226,7 @@ def test_kernels_job_keeps_the_rows_it_measured_when_stopped(tmp_path, monkeypat
     monkeypatch.setattr(kernels, "CHECK_ELEMENTS", kernels.SAMPLES * 16)
     with pytest.raises(KeyboardInterrupt):
         kernels.main(str(tmp_path), tiny=True)
-    (result,) = tmp_path.glob("kernels-cpu-*.json")
+    (result,) = tmp_path.glob("kernels-*.json")
     assert [r["op"] for r in json.loads(result.read_text())["rows"]] == [c.name for c in kernels.CASES[:2]]
 
 
