@@ -3,7 +3,7 @@ import argparse
 import os
 import sys
 
-from . import compiled, drift, fsdp, host, kernels, suite, train
+from . import compiled, drift, fsdp, graphs, host, kernels, suite, train
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -17,7 +17,8 @@ def positive(text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("job", nargs="?", default="suite", choices=("suite", "kernels", "train", "drift", "compiled", "fsdp", "host"))
+    parser.add_argument("job", nargs="?", default="suite",
+                        choices=("suite", "kernels", "graphs", "train", "drift", "compiled", "fsdp", "host"))
     parser.add_argument("--preset", default="cpu", choices=("cpu", "gpu", "tiny"),
                         help="workload sizes: cpu (default), gpu (the H200 check) or tiny (tests)")
     parser.add_argument("--peers", action="store_true", help="also measure memcnn and revlib when installed")
@@ -28,19 +29,21 @@ def main(argv=None):
                         help="compiled: a layout of the kernels' operands (repeatable; default: all)")
     parser.add_argument("--out", default=RESULTS, help="folder for JSON, Markdown and PNG results")
     parser.add_argument("--build-only", action="store_true",
-                        help="suite only: build every model and input of the preset for every method, run no "
-                             "step, print a line each (a dry run of a GPU script on CPU); exit 1 if any fails")
+                        help="suite and graphs only: build every model and input (of the preset) for every method, "
+                             "run no step, print a line each (a dry run of a GPU script on CPU); exit 1 if any fails")
     args = parser.parse_args(argv)
-    if args.build_only and args.job != "suite":
-        parser.error(f"--build-only goes with the suite job, not {args.job!r}")
+    if args.build_only and args.job not in ("suite", "graphs"):
+        parser.error(f"--build-only goes with the suite and graphs jobs, not {args.job!r}")
     if args.build_only:
-        failures = suite.build_only(args.preset, args.peers)
+        failures = suite.build_only(args.preset, args.peers) if args.job == "suite" else graphs.build_only()
         if failures:
             sys.exit(f"python -m bench --build-only: {failures} (workload, method) failed to build")
     elif args.job == "suite":
         suite.main(args.preset, args.peers, args.out, args.steps)
     elif args.job == "kernels":
-        kernels.main(args.out)
+        kernels.main(args.out, tiny=args.preset == "tiny")
+    elif args.job == "graphs":
+        graphs.main(args.out, args.steps)
     elif args.job == "compiled":
         compiled.main(args.target or tuple(compiled.TARGETS), args.layout or tuple(compiled.LAYOUTS), args.out)
     elif args.job == "host":

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# The GPU check in one script: a pre-flight launch, the CUDA tests, the kernel benchmark and the
-# GPU-sized suite, each under a timeout: 8 minutes at most in all (the steps' limits), leaving 2
-# minutes of the device tool's 10-minute command for start-up, nvidia-smi and the copy back; a run
-# on an H200 is expected to stay well inside (about 6 minutes, estimated: it has not yet run on a GPU).
+# The GPU check in one script: a pre-flight launch, the CUDA tests, the kernel benchmark, a
+# captured training step against an uncaptured one and the GPU-sized suite, each under a timeout:
+# 7.5 minutes at most in all (the steps' limits, 450 s), leaving 2.5 minutes of the device tool's
+# 10-minute command for start-up, nvidia-smi and the copy back. It has not yet run on a GPU: the
+# limits are estimates; the kernel and graph benchmarks write their results as they go, so a step
+# stopped by its limit keeps what it measured.
 #
 # Usage: bash bench/gpu_check.sh [--dry-run] OUTDIR      (from any directory)
 #
 # It installs nothing: it runs `python3 -m ...` in the repository root, which imports the checkout
 # (revtriton/kernels is a symlink to kernels/). OUTDIR gets gpu_check.log (every step's output)
-# and the results in the form bench/results/ keeps: kernels-cuda-DATE.{json,md} and
-# cuda-gpu-DATE.{json,md,png}. --dry-run does, on a machine without a GPU, everything but the GPU
-# work: the imports, collecting the CUDA tests, compiling every kernel ahead of time for sm_90 and
-# building the GPU preset's models; it exits 0 when all of that passes. Set PYTHON to use another
-# interpreter than python3.
+# and the results in the form bench/results/ keeps: kernels-cuda-DATE.{json,md},
+# graphs-cuda-DATE.{json,md} and cuda-gpu-DATE.{json,md,png}. --dry-run does, on a machine without
+# a GPU, everything but the GPU work: the imports, collecting the CUDA tests, compiling every kernel
+# ahead of time for sm_90, a tiny CPU run of the kernel benchmark's code, and building the models of
+# the graph benchmark and of the GPU preset; it exits 0 when all of that passes. Set PYTHON to use
+# another interpreter than python3.
 set -uo pipefail
 dry=0
 if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
@@ -49,12 +52,14 @@ print(f'python {sys.version.split()[0]}, torch {torch.__version__}, triton {trit
 if [ $dry -eq 1 ]; then
   step collect 120 "$python" -m pytest --collect-only -q -m cuda -p no:cacheprovider tests
   step compile 600 "$python" -m bench compiled --target sm_90 --out "$out"
+  step kernels-smoke 120 "$python" -m bench kernels --preset tiny --out "$out"
+  step graph-models 120 "$python" -m bench graphs --build-only
   step models 300 "$python" -m bench --preset gpu --build-only
   exit $status
 fi
 
 # pre-flight: Triton builds its launcher with a C compiler on the first launch; find out now
-step preflight 60 "$python" -c "
+step preflight 40 "$python" -c "
 import torch, revtriton
 print(torch.cuda.get_device_name())
 a, b = torch.zeros(4096, device='cuda'), torch.ones(4096, device='cuda')
@@ -64,11 +69,12 @@ assert a.eq(1).all(), 'the Triton kernel ran but computed wrong values'
 print('pre-flight: a Triton kernel compiled, launched and computed')
 " || exit 1
 nvidia-smi >>"$log" 2>&1
-step tests 160 "$python" -m pytest -q -rs -m cuda -p no:cacheprovider tests
+step tests 145 "$python" -m pytest -q -rs -m cuda -p no:cacheprovider tests
 if grep -q "^SKIPPED" "$log"; then  # every CUDA test must run on a GPU machine
   echo "!! tests: CUDA tests were skipped on a GPU machine" | tee -a "$log"
   status=1
 fi
-step kernels 100 "$python" -m bench kernels --out "$out"
-step suite 130 "$python" -m bench --preset gpu --out "$out"
+step kernels 75 "$python" -m bench kernels --out "$out"
+step graphs 35 "$python" -m bench graphs --out "$out"
+step suite 125 "$python" -m bench --preset gpu --out "$out"
 exit $status

@@ -1,14 +1,18 @@
 """``python -m bench kernels``: each fused op against its unfused eager PyTorch equivalent, in
 GB/s (the bytes the op reads plus writes, per second) and as a fraction of the device's copy
-bandwidth, measured the same way with ``dst.copy_(src)`` on a 1 GiB fp32 buffer.
+bandwidth, measured the same way with ``dst.copy_(src)`` on 1 GiB fp32 buffers.
 
-A time is the median over LOOPS loops of CALLS calls in a row between one pair of CUDA
-events, divided by CALLS: the host queues launches while the device works, so its overhead
-per call hides wherever a call keeps the device busy for longer than a launch takes (at
-2**24 elements, bf16 additive couplings move 96 MiB a call: near that line; larger sizes
-are well clear of it). Tensors hold 2**24 elements and more, far beyond L2, in fp32 and
-bf16. Each loop starts from fresh inputs, as the calls repeat in place: log-scales of 0.1
-of a standard normal and beta = 0.6 keep 100 calls in a row finite.
+A time is the median over 3 loops of calls in a row between one pair of CUDA events,
+divided by the calls: 50 at 2**24 elements, fewer at larger sizes (the same bytes a loop).
+Each loop is queued behind a sleep kernel that keeps the device busy while the host
+launches it, so the device time holds no launch gaps; the host's own time to queue a call
+(Python, dispatch, checks, launch; no sync) is reported beside it. The calls rotate through
+several sets of operands (:func:`working_sets`), enough that the bytes touched between two
+uses of one set are at least twice the device's L2 cache: no call finds its operands left
+in L2 by the previous ones. Each loop starts from fresh inputs, as the calls repeat in
+place, and every operand must still be finite after it (checked, and reported per row):
+log-scales of 0.1 of a standard normal, beta = 0.6 and, for momentum_inverse_backward
+(which scales dv by -1 / (1 - beta) a call), beta = 0.2 keep 50 calls on one set finite.
 
 The tensors are shaped ``(SAMPLES, n // SAMPLES)``, one row a sample of the per-sample
 log-determinant (``ld``, ``ld_grad``: one fp32 value a sample). The eager equivalents
@@ -16,12 +20,16 @@ compute in fp32 as the kernels do (fp32 copies of bf16 operands where a bf16 int
 would round), so both give the same values: checked on the device before timing, and by
 tests/test_bench.py on CPU through Triton's interpreter.
 
-CUDA only: on CPU the kernels run in Triton's interpreter, whose timings mean nothing.
+Results are written (JSON and Markdown) after every row, so a run stopped by a time limit
+keeps what it measured. CUDA only; ``--preset tiny`` runs the same code on tiny tensors on
+any device (on CPU a smoke test of the job, whose timings mean nothing).
 """
 import dataclasses
 import functools
+import math
 import os
 import statistics
+import time
 from typing import Callable
 
 import torch
@@ -31,18 +39,36 @@ import revtriton  # noqa: F401  (registers torch.ops.revtriton.*)
 
 from . import report
 
-SIZES = (2**24, 2**26, 2**28)  # 64 MiB to 1 GiB per fp32 tensor
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SAMPLES = 64
-CALLS, LOOPS = 100, 3
-COPY_ELEMENTS = 2**28
 CHECK_ELEMENTS = SAMPLES * 1024  # where the device checks that fused and eager agree
 CLAMP, BETA = 2.0, 0.6
+BETA_GROWING = 0.2  # momentum_inverse_backward: dv *= -1 / (1 - beta) a call; 1.25**100 stays finite
 PER_SAMPLE = ("ld", "ld_grad")
 SCALE = {"s": 0.1}  # log-scales: exp(s_c) of 100 calls in a row stays finite
-COLUMNS = ("op", "dtype", "elements", "MiB moved", "fused µs", "fused GB/s", "of copy", "eager µs", "eager GB/s",
-           "of copy ", "x eager")
+L2_FACTOR = 2  # the bytes touched between two uses of one operand set, in L2 sizes (at least)
+MAX_DELAY = 0.1  # seconds: the longest sleep a loop is queued behind
+COLUMNS = ("op", "dtype", "elements", "MiB moved", "sets", "calls", "fused µs", "host µs", "fused GB/s", "of copy",
+           "eager µs", "host µs ", "eager GB/s", "of copy ", "x eager", "finite")
 ops = torch.ops.revtriton
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """What a run measures: tensor sizes (elements), the copy's size, calls a loop at the
+    smallest size (fewer, down to a tenth, at larger ones: the same bytes a loop) and loops."""
+
+    elements: tuple
+    copy_elements: int
+    calls: int
+    loops: int
+
+    def calls_for(self, n):
+        return max(max(1, self.calls // 10), self.calls * self.elements[0] // n)
+
+
+FULL = Sizes((2**24, 2**26, 2**28), 2**28, 50, 3)  # 64 MiB to 1 GiB per fp32 tensor
+TINY = Sizes((SAMPLES * 256,), 2**16, 4, 2)  # the smoke run (--preset tiny)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +143,22 @@ def _momentum_backward_v(v, f, dx, fx, dv):
     dv.mul_(BETA / (1 - BETA))
 
 
+def _affine_inverse_backward(x, dx, s, ds, ld_grad=None):
+    th = (s.float() / CLAMP).tanh_()
+    grad = dx.float() * x
+    if ld_grad is not None:
+        grad += ld_grad[:, None]
+    torch.mul(x.float(), (th * CLAMP).exp_(), out=x)
+    torch.mul(dx.float(), (th * -CLAMP).exp_(), out=dx)
+    torch.mul(grad, th.mul_(th).sub_(1), out=ds)  # -grad * (1 - th**2)
+
+
+def _momentum_inverse_backward(dx, fx, dv):
+    dx_new = dx.float() + fx
+    dx.copy_(dx_new)
+    torch.sub(dv.float() / -(1 - BETA_GROWING), dx_new, out=dv)
+
+
 CASES = (
     Case("coupling_forward", ("a", "b"), ("a",), ops.coupling_forward, torch.Tensor.add_),
     Case("coupling_inverse", ("a", "b"), ("a",), ops.coupling_inverse, torch.Tensor.sub_),
@@ -139,6 +181,15 @@ CASES = (
          lambda x, v, dx, dv: ops.momentum_backward_x(x, v, dx, dv, BETA), _momentum_backward_x),
     Case("momentum_backward_v", ("v", "f", "dx", "fx", "dv"), ("v", "dx", "dv"),
          lambda v, f, dx, fx, dv: ops.momentum_backward_v(v, f, dx, fx, dv, BETA), _momentum_backward_v),
+    # the backward of the inverse (training through it)
+    Case("affine_inverse_backward", ("x", "dx", "s", "ds"), ("x", "dx", "ds"),
+         lambda x, dx, s, ds: ops.affine_inverse_backward(x, dx, s, ds, None, CLAMP), _affine_inverse_backward,
+         ("ds",)),
+    Case("affine_inverse_backward ld_grad", ("x", "dx", "s", "ds", "ld_grad"), ("x", "dx", "ds"),
+         lambda x, dx, s, ds, ld_grad: ops.affine_inverse_backward(x, dx, s, ds, ld_grad, CLAMP),
+         _affine_inverse_backward, ("ds",)),
+    Case("momentum_inverse_backward", ("dx", "fx", "dv"), ("dx", "dv"),
+         lambda dx, fx, dv: ops.momentum_inverse_backward(dx, fx, dv, BETA_GROWING), _momentum_inverse_backward),
 )
 
 
@@ -155,11 +206,27 @@ def inputs(case, n, dtype, device, samples=SAMPLES):
     return tensors
 
 
+def input_sets(case, n, dtype, device, sets):
+    """``sets`` independent :func:`inputs` of ``case``: the operand sets a timed loop rotates through."""
+    return [inputs(case, n, dtype, device) for _ in range(sets)]
+
+
+def _nbytes(case, n, dtype, samples):
+    return {name: samples * torch.float32.itemsize if name in PER_SAMPLE else n * dtype.itemsize
+            for name in case.args}
+
+
 def moved_bytes(case, n, dtype, samples=SAMPLES):
     """The bytes ``case``'s op reads plus writes on :func:`inputs` of ``n`` elements of ``dtype``."""
-    size = {name: samples * torch.float32.itemsize if name in PER_SAMPLE else n * dtype.itemsize
-            for name in case.args}
+    size = _nbytes(case, n, dtype, samples)
     return sum(size[name] for name in case.reads) + sum(size[name] for name in case.writes)
+
+
+def working_sets(set_bytes, l2_bytes):
+    """How many sets of operands (``set_bytes`` each) a timed loop rotates through: enough that
+    the calls between two uses of one set touch at least L2_FACTOR times the L2 cache
+    (``l2_bytes``), so that no call finds its operands in L2; at least 2."""
+    return max(2, 1 + math.ceil(L2_FACTOR * l2_bytes / set_bytes))
 
 
 def outcomes(case, n, dtype, device, samples=SAMPLES):
@@ -174,73 +241,142 @@ def outcomes(case, n, dtype, device, samples=SAMPLES):
     return tuple(results)
 
 
-def seconds_per_call(fn, make_args):
-    """Median over LOOPS loops of the CUDA-event time of CALLS calls of ``fn`` in a row, over
-    CALLS; each loop on fresh ``make_args()``, after one warm-up call (compilation, caches)."""
-    fn(*make_args())
-    times = []
-    for _ in range(LOOPS):
-        args = make_args()
+class Clock:
+    """Times loops of calls. On CUDA: the device time between two events, the loop queued
+    behind a sleep kernel that keeps the device busy while the host launches it (launch gaps
+    never count as device time), and the host's time to queue the loop, without a sync. On
+    CPU (the smoke run): host time for both."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.cycles_per_second = self._calibrate() if self.cuda else 0.0
+
+    @staticmethod
+    def _calibrate(cycles=10**7):
+        """The sleep kernel's cycles per second of device time."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles)  # warm-up
         start.record()
-        for _ in range(CALLS):
-            fn(*args)
+        torch.cuda._sleep(cycles)
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / CALLS)
-        del args  # before the next loop's inputs are made: half the peak memory
-    return statistics.median(times)
+        return cycles / (start.elapsed_time(end) / 1e3)
+
+    def loop(self, fn, sets, calls, delay=0.0):
+        """``(device seconds, host seconds)`` of ``calls`` calls of ``fn``, on ``sets`` of
+        arguments in turn, the device first kept busy for ``delay`` seconds."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(int(delay * self.cycles_per_second))
+            start.record()
+        t0 = time.perf_counter()
+        for i in range(calls):
+            fn(*sets[i % len(sets)])
+        host = time.perf_counter() - t0
+        if not self.cuda:
+            return host, host
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3, host
 
 
-def copy_bandwidth():
-    """The device's copy bandwidth in GB/s (bytes read plus written), as the ops are timed."""
-    seconds = seconds_per_call(torch.Tensor.copy_, lambda: (torch.empty(COPY_ELEMENTS, device="cuda"),
-                                                           torch.randn(COPY_ELEMENTS, device="cuda")))
-    return 2 * COPY_ELEMENTS * 4 / seconds / 1e9
+def timed(fn, make_sets, calls, loops, clock):
+    """``{"seconds", "host_seconds", "queued", "finite"}`` of one call of ``fn``: medians over
+    ``loops`` loops of ``calls`` calls, each loop on fresh ``make_sets()`` (the calls repeat in
+    place), after one call (compilation, caches) and an untimed loop whose host time sizes the
+    sleep the timed ones are queued behind. ``queued``: the host queued every timed loop
+    before the device reached it; ``finite``: every operand was finite after every loop."""
+    sets = make_sets()
+    fn(*sets[0])
+    _, host = clock.loop(fn, sets, calls)
+    delay = min(MAX_DELAY, 2 * host)
+    device_times, host_times, queued, finite = [], [], True, True
+    for _ in range(loops):
+        del sets  # before the next loop's inputs are made: half the peak memory
+        sets = make_sets()
+        seconds, host = clock.loop(fn, sets, calls, delay)
+        device_times.append(seconds / calls)
+        host_times.append(host / calls)
+        queued = queued and (host < delay or not clock.cuda)
+        finite = finite and all(bool(t.isfinite().all()) for args in sets for t in args)
+    return {"seconds": statistics.median(device_times), "host_seconds": statistics.median(host_times),
+            "queued": queued, "finite": finite}
 
 
-def row(case, n, dtype_name, seconds, copy_gbs):
-    """The result of ``case`` at ``n`` elements of ``dtype_name``, from its ``seconds`` per call
-    (``{"fused": ..., "eager": ...}``) and the copy bandwidth ``copy_gbs``."""
+def l2_bytes(device):
+    return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+
+
+def copy_bandwidth(device, sizes, clock):
+    """The device's copy bandwidth in GB/s (bytes read plus written), timed as the ops are."""
+    n = sizes.copy_elements
+    sets = working_sets(2 * n * 4, l2_bytes(device))
+    result = timed(torch.Tensor.copy_, lambda: [(torch.empty(n, device=device), torch.randn(n, device=device))
+                                                for _ in range(sets)], sizes.calls_for(n), sizes.loops, clock)
+    return 2 * n * 4 / result["seconds"] / 1e9
+
+
+def row(case, n, dtype_name, results, copy_gbs, sets, calls):
+    """The result of ``case`` at ``n`` elements of ``dtype_name``, from :func:`timed`'s
+    ``results`` (``{"fused": ..., "eager": ...}``), the copy bandwidth ``copy_gbs`` and the
+    ``sets`` and ``calls`` a loop used."""
     nbytes = moved_bytes(case, n, DTYPES[dtype_name])
-    result = {"op": case.name, "dtype": dtype_name, "elements": n, "bytes": nbytes}
-    for variant, s in seconds.items():
-        result.update({f"{variant}_seconds": s, f"{variant}_gbs": nbytes / s / 1e9,
-                       f"{variant}_of_copy": nbytes / s / 1e9 / copy_gbs})
-    result["time_ratio"] = seconds["fused"] / seconds["eager"]
+    result = {"op": case.name, "dtype": dtype_name, "elements": n, "bytes": nbytes, "sets": sets, "calls": calls}
+    for variant, r in results.items():
+        result.update({f"{variant}_seconds": r["seconds"], f"{variant}_host_seconds": r["host_seconds"],
+                       f"{variant}_queued": r["queued"], f"{variant}_finite": r["finite"],
+                       f"{variant}_gbs": nbytes / r["seconds"] / 1e9,
+                       f"{variant}_of_copy": nbytes / r["seconds"] / 1e9 / copy_gbs})
+    result["time_ratio"] = results["fused"]["seconds"] / results["eager"]["seconds"]
     return result
 
 
 def cells(r):
-    return [r["op"], r["dtype"], f"2^{r['elements'].bit_length() - 1}", f"{r['bytes'] / 2**20:.0f}",
-            f"{r['fused_seconds'] * 1e6:.0f}", f"{r['fused_gbs']:.0f}", f"{r['fused_of_copy']:.0%}",
-            f"{r['eager_seconds'] * 1e6:.0f}", f"{r['eager_gbs']:.0f}", f"{r['eager_of_copy']:.0%}",
-            f"{r['time_ratio']:.2f}"]
+    def us(variant):  # *: the device reached the loop before the host had queued it
+        return f"{r[variant + '_seconds'] * 1e6:.0f}" + ("" if r[variant + "_queued"] else "*")
+
+    finite = r["fused_finite"] and r["eager_finite"]
+    return [r["op"], r["dtype"], f"2^{r['elements'].bit_length() - 1}", f"{r['bytes'] / 2**20:.0f}", r["sets"],
+            r["calls"], us("fused"), f"{r['fused_host_seconds'] * 1e6:.1f}", f"{r['fused_gbs']:.0f}",
+            f"{r['fused_of_copy']:.0%}", us("eager"), f"{r['eager_host_seconds'] * 1e6:.1f}",
+            f"{r['eager_gbs']:.0f}", f"{r['eager_of_copy']:.0%}", f"{r['time_ratio']:.2f}",
+            "yes" if finite else "NO"]
 
 
 def header(meta):
     """The Markdown file's title and method, above the table."""
+    timer = ("between one pair of CUDA events, queued behind a sleep kernel so that launches leave no gaps (`*`: "
+             "the device caught up with the host anyway)" if meta["kind"] == "cuda" else
+             "on the host's clock (a smoke run on CPU: the timings mean nothing)")
     return (f"# python -m bench kernels ({meta['device']}, {meta['date']})\n\n"
             f"Copy bandwidth {meta['copy_gbs']:.0f} GB/s (read + write: dst.copy_(src) on "
-            f"{COPY_ELEMENTS * 4 // 2**20} MiB of fp32). Each time: median over {meta['loops']} loops of "
-            f"{meta['calls']} calls between one pair of CUDA events. GB/s: the bytes the op reads plus writes, "
-            f"per second; x eager: fused time over eager time.\n\n")
+            f"{meta['copy_elements'] * 4 / 2**20:g} MiB of fp32). Each time: median over {meta['loops']} loops of "
+            f"`calls` calls {timer}, rotating through `sets` sets of operands (L2: {meta['l2_bytes'] / 2**20:g} "
+            f"MiB); host µs: the host's time to queue one call, without a sync. GB/s: the bytes the op reads plus "
+            f"writes, per second; x eager: fused time over eager time; finite: every operand finite after every "
+            f"loop.\n\n")
 
 
 def save(rows, meta, out_dir):
-    """Write kernels-cuda-DATE.json and .md into ``out_dir``; return a message."""
+    """Write kernels-DEVICE-DATE.json and .md into ``out_dir`` (DEVICE: cuda, or cpu for the
+    smoke run); return a message."""
     markdown = header(meta) + report.markdown_table(COLUMNS, [cells(r) for r in rows]) + "\n"
-    return report.write(os.path.join(out_dir, f"kernels-cuda-{meta['date']}"), meta, rows, markdown)
+    return report.write(os.path.join(out_dir, f"kernels-{meta['kind']}-{meta['date']}"), meta, rows, markdown)
 
 
-def main(out_dir):
-    if not torch.cuda.is_available():
+def main(out_dir, tiny=False):
+    """Measure every case at every size of FULL (TINY with ``tiny``), writing the results after
+    each row; return the rows. On CPU only the tiny smoke run measures."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not tiny:
         print("python -m bench kernels: no CUDA device here; Triton's interpreter timings on CPU mean "
-              "nothing, so there is nothing to measure.")
+              "nothing, so there is nothing to measure (--preset tiny runs a smoke test of the job).")
         return []
-    device = torch.device("cuda")
-    meta = report.meta(device, triton=triton.__version__, copy_gbs=copy_bandwidth(), calls=CALLS, loops=LOOPS,
-                       samples=SAMPLES)
+    sizes = TINY if tiny else FULL
+    clock = Clock(device)
+    meta = report.meta(device, kind=device.type, triton=triton.__version__, loops=sizes.loops,
+                       copy_elements=sizes.copy_elements, l2_bytes=l2_bytes(device), samples=SAMPLES)
+    meta["copy_gbs"] = copy_bandwidth(device, sizes, clock)
     print(header(meta) + report.markdown_table(COLUMNS, []), flush=True)
     rows = []
     for dtype_name, dtype in DTYPES.items():
@@ -248,12 +384,16 @@ def main(out_dir):
             fused, eager = outcomes(case, CHECK_ELEMENTS, dtype, device)
             torch.testing.assert_close(fused, eager, msg=lambda m: f"{case.name} {dtype_name}: fused and eager "
                                                                   f"differ: {m}")
-            for n in SIZES:
-                make_args = functools.partial(inputs, case, n, dtype, device)
-                seconds = {variant: seconds_per_call(getattr(case, variant), make_args)
+            for n in sizes.elements:
+                sets = working_sets(sum(_nbytes(case, n, dtype, SAMPLES).values()), meta["l2_bytes"])
+                make_sets = functools.partial(input_sets, case, n, dtype, device, sets)
+                calls = sizes.calls_for(n)
+                results = {variant: timed(getattr(case, variant), make_sets, calls, sizes.loops, clock)
                            for variant in ("fused", "eager")}
-                rows.append(row(case, n, dtype_name, seconds, meta["copy_gbs"]))
+                rows.append(row(case, n, dtype_name, results, meta["copy_gbs"], sets, calls))
+                save(rows, meta, out_dir)  # after every row: a time limit keeps what was measured
                 print(report.markdown_row(cells(rows[-1])), flush=True)
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print(save(rows, meta, out_dir))
     return rows

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from bench import __main__ as cli
-from bench import kernels, report, suite
-from bench.measure import run
+from bench import graphs, kernels, report, suite
+from bench.measure import interleaved_seconds, run
 from bench.workloads import as_method, build, build_reversible, by_method, label
 from revtriton import saved_activation_bytes
 
@@ -127,10 +127,11 @@ def test_each_kernel_case_counts_the_bytes_its_op_reads_plus_writes(case, dtype)
 
 
 @pytest.mark.parametrize("case", kernels.CASES, ids=CASE_IDS)
-def test_each_kernel_case_stays_finite_over_the_calls_of_a_timed_loop(case):
+def test_each_kernel_case_stays_finite_over_twice_the_calls_of_a_timed_loop(case):
+    calls = 2 * kernels.FULL.calls  # a loop's calls on one set, twice over (a loop spreads them over 2 sets or more)
     for dtype in kernels.DTYPES.values():
         tensors = kernels.inputs(case, 2**16, dtype, "cpu")
-        for _ in range(kernels.CALLS):
+        for _ in range(calls):
             case.eager(*tensors)  # the fused op's values (see above), without the interpreter's slowness
         assert all(t.isfinite().all() for t in tensors), (case.name, dtype)
 
@@ -140,10 +141,51 @@ def test_kernel_inputs_refuse_a_size_that_does_not_split_into_samples():
         kernels.inputs(kernels.CASES[0], 100, torch.float32, "cpu")
 
 
+def test_kernel_cases_include_the_backward_of_the_inverse():
+    names = {case.name for case in kernels.CASES}
+    assert {"affine_inverse_backward", "affine_inverse_backward ld_grad", "momentum_inverse_backward"} <= names
+
+
+@pytest.mark.parametrize("set_bytes, l2, sets", [(96 << 20, 50 << 20, 3), (64 << 20, 50 << 20, 3),
+                                                 (4 << 30, 50 << 20, 2), (2 << 20, 50 << 20, 51), (100, 0, 2)])
+def test_a_timed_loop_rotates_through_enough_sets_that_l2_holds_none_of_the_next_calls_operands(set_bytes, l2, sets):
+    assert kernels.working_sets(set_bytes, l2) == sets
+    assert (sets - 1) * set_bytes >= kernels.L2_FACTOR * l2  # touched between two uses of one set
+    assert sets == 2 or (sets - 2) * set_bytes < kernels.L2_FACTOR * l2  # and no more sets than that takes
+
+
+def test_a_timed_loop_has_the_same_bytes_at_every_size_down_to_a_tenth_of_its_calls():
+    assert [kernels.FULL.calls_for(n) for n in kernels.FULL.elements] == [50, 12, 5]
+    assert kernels.TINY.calls_for(kernels.TINY.elements[0]) == kernels.TINY.calls
+
+
+def test_timed_reports_device_and_host_time_per_call_and_finiteness_on_fresh_sets_each_loop():
+    made = []
+
+    def make_sets():
+        made.append([(torch.zeros(4), torch.ones(4)) for _ in range(2)])
+        return made[-1]
+
+    result = kernels.timed(torch.Tensor.add_, make_sets, 6, 3, kernels.Clock(torch.device("cpu")))
+    assert len(made) == 4  # the warm-up's, then one per loop
+    assert [a.tolist() for a, _ in made[0]] == [[4.0] * 4, [3.0] * 4]  # one call, then 6 alternating
+    assert [a.tolist() for a, _ in made[-1]] == [[3.0] * 4] * 2  # 6 calls, 3 on each set
+    assert result["seconds"] > 0 and result["host_seconds"] > 0 and result["queued"] and result["finite"]
+    overflow = kernels.timed(torch.Tensor.mul_, lambda: [(torch.full((4,), 1e30), torch.full((4,), 1e30))], 2, 2,
+                             kernels.Clock(torch.device("cpu")))
+    assert not overflow["finite"]
+
+
+def _result(seconds, host_seconds, queued=True, finite=True):
+    return {"seconds": seconds, "host_seconds": host_seconds, "queued": queued, "finite": finite}
+
+
 def test_kernel_results_are_written_as_json_and_markdown_named_by_device_kind_and_date(tmp_path):
-    meta = report.meta(torch.device("cpu"), copy_gbs=4000.0, calls=kernels.CALLS, loops=kernels.LOOPS)
+    meta = report.meta(torch.device("cpu"), kind="cuda", copy_gbs=4000.0, loops=3, copy_elements=2**28,
+                       l2_bytes=50 << 20)
     case = kernels.CASES[2]  # coupling_backward: reads 4 tensors, writes 2
-    rows = [kernels.row(case, 2**24, "bf16", {"fused": 1e-4, "eager": 2e-4}, meta["copy_gbs"])]
+    rows = [kernels.row(case, 2**24, "bf16", {"fused": _result(1e-4, 2e-5), "eager": _result(2e-4, 3e-5, False)},
+                        meta["copy_gbs"], 3, 50)]
     assert rows[0]["bytes"] == 6 * 2**24 * 2
     assert (rows[0]["fused_gbs"], rows[0]["eager_of_copy"], rows[0]["time_ratio"]) == pytest.approx(
         (6 * 2**25 / 1e-4 / 1e9, 6 * 2**25 / 2e-4 / 1e9 / 4000, 0.5))
@@ -152,7 +194,40 @@ def test_kernel_results_are_written_as_json_and_markdown_named_by_device_kind_an
     saved = json.loads((tmp_path / f"kernels-cuda-{meta['date']}.json").read_text())
     assert saved == {"meta": meta, "rows": rows}
     table = (tmp_path / f"kernels-cuda-{meta['date']}.md").read_text().splitlines()
-    assert table[-1] == "| coupling_backward | bf16 | 2^24 | 192 | 100 | 2013 | 50% | 200 | 1007 | 25% | 0.50 |"
+    assert table[-1] == ("| coupling_backward | bf16 | 2^24 | 192 | 3 | 50 | 100 | 20.0 | 2013 | 50% | 200* | 30.0 | "
+                         "1007 | 25% | 0.50 | yes |")
+    assert "L2: 50 MiB" in table[2] and "sleep kernel" in table[2]
+
+
+def test_kernels_job_writes_a_tiny_smoke_run_with_every_case_finite(tmp_path):
+    proc = bench("kernels", "--preset", "tiny", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("kernels-*.json")  # kernels-cpu-DATE here, kernels-cuda-DATE on a GPU
+    data = json.loads(result.read_text())
+    assert {(r["op"], r["dtype"]) for r in data["rows"]} == {(c.name, d) for c in kernels.CASES for d in kernels.DTYPES}
+    for r in data["rows"]:
+        assert r["fused_finite"] and r["eager_finite"] and r["sets"] >= 2, r
+        for field in ("fused_seconds", "fused_host_seconds", "eager_seconds", "eager_host_seconds", "fused_gbs"):
+            assert math.isfinite(r[field]) and r[field] > 0, (r["op"], field)
+    assert "| momentum_inverse_backward | bf16 |" in (tmp_path / result.name.replace(".json", ".md")).read_text()
+
+
+def test_kernels_job_keeps_the_rows_it_measured_when_stopped(tmp_path, monkeypatch):
+    timed = kernels.timed
+    results = []
+
+    def stopping(*args):
+        if len(results) == 5:  # the copy's, then two rows of both variants
+            raise KeyboardInterrupt  # as a time limit would stop it
+        results.append(timed(*args))
+        return results[-1]
+
+    monkeypatch.setattr(kernels, "timed", stopping)
+    monkeypatch.setattr(kernels, "CHECK_ELEMENTS", kernels.SAMPLES * 16)
+    with pytest.raises(KeyboardInterrupt):
+        kernels.main(str(tmp_path), tiny=True)
+    (result,) = tmp_path.glob("kernels-*.json")
+    assert [r["op"] for r in json.loads(result.read_text())["rows"]] == [c.name for c in kernels.CASES[:2]]
 
 
 # the plot
@@ -258,7 +333,7 @@ def test_by_method_refuses_an_unknown_method_and_a_peer_on_a_workload_it_cannot_
 
 def test_build_only_goes_with_the_suite_only(tmp_path):
     proc = bench("kernels", "--build-only", tmp_path=tmp_path)
-    assert proc.returncode == 2 and "--build-only goes with the suite job, not 'kernels'" in proc.stderr
+    assert proc.returncode == 2 and "--build-only goes with the suite and graphs jobs, not 'kernels'" in proc.stderr
 
 
 
@@ -303,3 +378,37 @@ def test_host_job_writes_finite_positive_host_times_of_every_op(tmp_path):
         for field in ("median_us", "p10_us", "p90_us", "ratio"):
             assert math.isfinite(row[field]) and row[field] > 0, (row["call"], field)
     assert "| coupling_forward |" in (tmp_path / result.name.replace(".json", ".md")).read_text()
+
+
+# python -m bench graphs: CUDA only; on CPU its models, its uncaptured steps and its report
+
+def test_graphs_job_builds_every_model_with_build_only_and_says_why_it_measures_nothing_on_cpu(tmp_path):
+    proc = bench("graphs", "--build-only", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(graphs.WORKLOADS) * len(graphs.VARIANTS)
+    assert all("parameters, input" in line and "FAILED" not in line for line in lines), lines
+    assert "overhead depth 64  revtriton captured: " in proc.stdout
+    if not torch.cuda.is_available():
+        proc = bench("graphs", tmp_path=tmp_path)
+        assert proc.returncode == 0 and "no CUDA device" in proc.stdout and not list(tmp_path.iterdir())
+
+
+def test_graphs_rows_compare_each_captured_step_with_its_methods_uncaptured_one(tmp_path):
+    workload = dict(kind="overhead", width=4, depth=2, batch=2)
+    uncaptured = [v for v, (_, capture, _) in graphs.VARIANTS.items() if not capture]
+    times = interleaved_seconds({v: graphs.maker(workload, v, torch.device("cpu")) for v in uncaptured},
+                                torch.device("cpu"), 2)
+    times["revtriton captured"] = {"seconds": times["revtriton"]["seconds"] / 4}
+    times["revtriton captured, RNG preserved"] = {"error": "RuntimeError: Cannot call CUDAGeneratorImpl::current_seed"}
+    rows = graphs.rows_of(workload, times)
+    by_variant = {r["variant"]: r for r in rows}
+    assert by_variant["revtriton captured"]["time_ratio"] == pytest.approx(0.25)
+    assert by_variant["eager"]["time_ratio"] == 1 and by_variant["revtriton"]["step_seconds"] > 0
+    assert "time_ratio" not in by_variant["revtriton captured, RNG preserved"]
+    meta = report.meta(torch.device("cpu"), kind="cuda", warmup=graphs.WARMUP)
+    assert graphs.save(rows, meta, str(tmp_path)).startswith(f"results: {tmp_path}/graphs-cuda-{meta['date']}.json")
+    markdown = (tmp_path / f"graphs-cuda-{meta['date']}.md").read_text()
+    assert "| overhead depth 2 | revtriton captured, RNG preserved | error: RuntimeError: Cannot call" in markdown
+    assert "| overhead depth 2 | revtriton captured |" in markdown
+    assert json.loads((tmp_path / f"graphs-cuda-{meta['date']}.json").read_text())["rows"] == rows

@@ -148,10 +148,20 @@ def test_the_gpu_scripts_dry_run_passes_from_the_parent_folder_with_nothing_inst
                           cwd=parent, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     log = (tmp_path / "out" / "gpu_check.log").read_text()
-    assert [step for step in ("import", "collect", "compile", "models") if f"-- {step}: exit 0" not in log] == []
+    steps = ("import", "collect", "compile", "kernels-smoke", "graph-models", "models")
+    assert [step for step in steps if f"-- {step}: exit 0" not in log] == []
     assert f"revtriton from {ROOT}" in log
     assert int(re.search(r"(\d+)/\d+ tests collected", log).group(1)) > 0  # the CUDA tests
     assert len(list((tmp_path / "out").glob("compiled-*.md"))) == 1  # sm_90, every launch
+    assert len(list((tmp_path / "out").glob("kernels-cpu-*.md"))) == 1  # the kernel benchmark's code, tiny
+
+
+def test_the_gpu_scripts_step_limits_leave_slack_in_the_device_tools_ten_minutes():
+    with open(os.path.join(ROOT, "bench", "gpu_check.sh")) as f:
+        script = f.read()
+    limits = dict(re.findall(r"^step (\S+) (\d+) ", script, re.M))  # unindented: the GPU run's steps
+    assert set(limits) == {"import", "preflight", "tests", "kernels", "graphs", "suite"}
+    assert sum(map(int, limits.values())) <= 450  # of the 480 s the script's header allows
 
 
 def _fenced_command(readme, heading):
