@@ -5,8 +5,7 @@ A captured step is whole-network capture as PyTorch's CUDA graphs notes describe
 steps on a side stream, a static input, gradients set to None before capture (the capture
 allocates them and every replay writes them), no optimizer; a replay is one step. The chains
 run with ``preserve_rng_state=False``, uncaptured too (like with like): with the default, the
-forward reads ``torch.cuda.get_rng_state()``, which capture forbids, and the last variant's row
-records that error. Times are medians over interleaved rounds (:mod:`bench.measure`), each
+forward reads the CUDA RNG state, which capture forbids, and the chain refuses capture. Times are medians over interleaved rounds (:mod:`bench.measure`), each
 step synchronised. Workloads: the suite's host-bound overhead chain, where replaying one graph
 instead of launching kernel by kernel matters most, and the GPU preset's depth-16 sweeps.
 
@@ -27,8 +26,7 @@ WORKLOADS = (dict(kind="overhead", width=8, depth=64, batch=4, rounds=20),
              dict(kind="affine", depth=16, batch=64, channels=64, size=32))
 # name: (method, captured, preserve_rng_state)
 VARIANTS = {"eager": ("eager", False, False), "eager captured": ("eager", True, False),
-            "revtriton": ("revtriton", False, False), "revtriton captured": ("revtriton", True, False),
-            "revtriton captured, RNG preserved": ("revtriton", True, True)}
+            "revtriton": ("revtriton", False, False), "revtriton captured": ("revtriton", True, False)}
 COLUMNS = ("workload", "variant", "step ms", "x uncaptured", "µs per block")
 
 

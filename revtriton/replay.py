@@ -234,6 +234,12 @@ class Recorder:
     """
 
     def __init__(self, device, preserve_rng_state=True):
+        if preserve_rng_state and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "a reversible chain with preserve_rng_state=True (the default) cannot run while a CUDA graph is "
+                "captured: it reads the CUDA RNG state to replay dropout in its recompute, which PyTorch forbids "
+                "during capture. Build the chain with preserve_rng_state=False if F and G draw no random numbers "
+                "(no dropout in training mode); otherwise the recompute would draw other numbers than the forward")
         self.device = device
         self.preserve_rng_state = preserve_rng_state
         device_types = {t for t in ("cpu", device.type) if torch.amp.is_autocast_available(t)}

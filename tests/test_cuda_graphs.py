@@ -10,7 +10,8 @@ When the RNG state is preserved (the default), the chain's recorder reads
 torch.cuda.get_rng_state() as the forward starts and after each F/G call (revtriton/replay.py,
 Recorder), and PyTorch forbids that during capture ("Cannot call
 CUDAGeneratorImpl::current_seed during CUDA graph capture"): capture works with
-``preserve_rng_state=False``; the default is pinned as a strict xfail.
+``preserve_rng_state=False``; with the default, the chain refuses capture with an error that
+says so.
 """
 import copy
 
@@ -104,15 +105,8 @@ def test_a_chain_graphed_by_make_graphed_callables_trains_like_its_eager_twin():
         assert_twins_gradients(reference, x, value, {n: p.grad for n, p in model.named_parameters()}, x_leaf.grad)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="with preserve_rng_state=True (the default) the chain's forward reads "
-                          "torch.cuda.get_rng_state() (revtriton/replay.py, Recorder.__init__ and Recorder.forward "
-                          "through Recorder._rng_state), which PyTorch forbids during CUDA graph capture")
-def test_capture_with_the_rng_state_preserved():
+def test_capture_with_the_rng_state_preserved_is_refused_with_what_to_do():
     model = chain(preserve_rng_state=True)
     static_x = randn(BATCH, TOKENS, WIDTH, device="cuda", requires_grad=True)
-    graph, static_loss = captured_step(model, static_x)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_twins_gradients(model, static_x, static_loss, {n: p.grad for n, p in model.named_parameters()},
-                           static_x.grad)
+    with pytest.raises(RuntimeError, match="cannot run while a CUDA graph is captured.*preserve_rng_state=False"):
+        captured_step(model, static_x)
