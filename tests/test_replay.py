@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import revtriton as rt
+from revtriton import replay
 from helpers import AddendParam, AddendSide, loss_of, rel_err
 
 @pytest.fixture(autouse=True)
@@ -312,3 +313,12 @@ def test_the_cached_structure_sees_parameters_and_modules_registered_after_a_fir
     chain[1].f[0].register_parameter("bias", None)
     chain.zero_grad(set_to_none=True)
     assert_equal_to_eager(chain, x)
+
+
+def test_capture_of_a_chain_that_replays_the_cuda_rng_is_refused_saying_what_to_do(monkeypatch):
+    """PyTorch forbids reading the CUDA RNG state during CUDA graph capture: the recorder says why
+    and what to do before reading it (tests/test_cuda_graphs.py captures on a GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot run while a CUDA graph is captured.*preserve_rng_state=False"):
+        replay.Recorder(torch.device("cuda"))
+    replay.Recorder(torch.device("cuda"), preserve_rng_state=False)  # reads no RNG state: nothing to refuse
