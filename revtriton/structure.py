@@ -15,7 +15,10 @@ import weakref
 from torch.nn.modules import module as _module
 
 _generation = 0
-_walks = weakref.WeakKeyDictionary()  # module -> (generation, modules, slot names)
+# id(module) -> (weak reference to the module, generation, its submodules without itself, slot names
+# with owners as indices into [module, *submodules]). The entry holds no reference to the module,
+# which it would keep alive forever (and its parameters with it): it is dropped when the module dies.
+_walks = {}
 
 SLOT_KINDS = ("_parameters", "_buffers")
 
@@ -34,33 +37,36 @@ for _register in (_module.register_module_module_registration_hook,
 
 def _walk(module):
     modules = list(module.modules())
-    names = [(m, kind, key) for m in modules for kind in SLOT_KINDS for key, t in getattr(m, kind).items()
-             if t is not None]
-    _walks[module] = (_generation, modules, names)
+    index = {id(m): i for i, m in enumerate(modules)}
+    names = [(index[id(m)], kind, key) for m in modules for kind in SLOT_KINDS
+             for key, t in getattr(m, kind).items() if t is not None]
+    key = id(module)
+    dropped = lambda _, key=key, walks=_walks: walks.pop(key, None)  # noqa: E731  (bound: safe at exit)
+    _walks[key] = (weakref.ref(module, dropped), _generation, modules[1:], names)
     return modules, names
 
 
 def structure(module):
-    """``(modules, names)``: ``module.modules()`` as a list, and ``(owner, "_parameters" or
-    "_buffers", key)`` for each parameter and buffer slot that holds a tensor."""
-    hit = _walks.get(module)
-    if hit is not None and hit[0] == _generation:
-        return hit[1], hit[2]
+    """``(modules, names)``: ``module.modules()`` as a list, and ``(index into modules, "_parameters"
+    or "_buffers", key)`` for each parameter and buffer slot that holds a tensor."""
+    hit = _walks.get(id(module))
+    if hit is not None and hit[1] == _generation and hit[0]() is module:
+        return [module, *hit[2]], hit[3]
     return _walk(module)
 
 
 def slots(module):
-    """``(modules, [(owner, kind, key, tensor), ...])``: :func:`structure` with each slot's
-    tensor as it is now. A slot deleted without registration (``del module.weight``) makes
-    it walk again."""
+    """``(modules, [(owner, kind, key, tensor), ...])``: :func:`structure` with each slot's owner
+    module and its tensor as it is now. A slot deleted without registration (``del
+    module.weight``) makes it walk again."""
     modules, names = structure(module)
     try:
-        return modules, _filled(names)
+        return modules, _filled(modules, names)
     except KeyError:
         modules, names = _walk(module)
-        return modules, _filled(names)
+        return modules, _filled(modules, names)
 
 
-def _filled(names):
-    filled = [(owner, kind, key, getattr(owner, kind)[key]) for owner, kind, key in names]
+def _filled(modules, names):
+    filled = [(modules[i], kind, key, getattr(modules[i], kind)[key]) for i, kind, key in names]
     return [slot for slot in filled if slot[3] is not None]

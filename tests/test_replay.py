@@ -301,6 +301,21 @@ def test_f_modifying_a_side_input_in_place_is_refused_naming_the_block_and_keywo
         chain(torch.randn(4, 6, requires_grad=grad), m=torch.randn(3))
 
 
+def test_a_chain_and_its_modules_are_freed_once_nothing_holds_them():
+    """revtriton.structure's cache holds no reference to a module (it kept every F, G and block
+    alive, and their parameters, for the life of the process)."""
+    import gc
+    import weakref
+
+    chain = rt.ReversibleSequential(rt.ReversibleBlock(nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3), nn.Tanh())),
+                                    rt.AffineBlock(nn.Linear(3, 3), nn.Linear(3, 3)))
+    chain(torch.randn(2, 6, requires_grad=True)).sum().backward()
+    refs = [weakref.ref(m) for m in chain.modules()]
+    del chain
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
+
+
 def test_the_cached_structure_sees_parameters_and_modules_registered_after_a_first_step():
     """revtriton.structure caches each module's walk until something is registered: a parameter
     swapped in or a submodule added after a step takes part in the next one, as in eager."""
