@@ -12,6 +12,7 @@ What cannot be replayed is an error: a buffer the forward read, modified in plac
 """
 import contextlib
 import ctypes
+import types
 from typing import NamedTuple
 
 import torch
@@ -67,14 +68,14 @@ def run_checked(name, module, x, kwargs):
     input in place (the input is what a reversible block's inverse rebuilds) or a side input
     (the recompute would read, and modify, another value than the forward did)."""
     side = [(k, t) for k, v in kwargs.items() for t in pytree.tree_leaves(v) if isinstance(t, torch.Tensor)]
-    versions = [_version(t) for t in (x, *(t for _, t in side))]
+    version, side_versions = _version(x), [_version(t) for _, t in side]
     out = module(x, **kwargs)
-    if _version(x) != versions[0]:
+    if _version(x) != version:
         raise RuntimeError(
             f"{name} ({type(module).__name__}) modified its input in place (an in-place first op such as "
             f"nn.ReLU(inplace=True)?): a reversible block rebuilds F's and G's inputs from its output, so F and "
             f"G must leave their input as it is. Use the op's out-of-place form (inplace=False)")
-    for (key, t), version in zip(side, versions[1:]):
+    for (key, t), version in zip(side, side_versions):
         if _version(t) != version:
             raise RuntimeError(
                 f"{name} ({type(module).__name__}) modified its side input {key!r} in place: the backward "
@@ -169,11 +170,17 @@ def _record(name, module, x, kwargs):
     """``(module(x, **kwargs) checked by run_checked, its Call)`` (RNG state None)."""
     modules, slots = structure.slots(module)
     buffers = [i for i, (_, kind, _, _) in enumerate(slots) if kind == "_buffers"]
+    if not buffers:
+        out = run_checked(name, module, x, kwargs)
+        return out, Call(name, slots, _NONE, _NONE, modules, tuple(m.training for m in modules), None)
     versions = {i: slots[i][3]._version for i in buffers}
     copies = {i: slots[i][3].clone() for i in buffers}
     out = run_checked(name, module, x, kwargs)
     before = {i: copies[i] for i in buffers if slots[i][3]._version != versions[i]}
     return out, Call(name, slots, versions, before, modules, tuple(m.training for m in modules), None)
+
+
+_NONE = types.MappingProxyType({})  # a call's buffer versions and copies when it has no buffer
 
 
 def _replacements(call, module):
