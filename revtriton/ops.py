@@ -194,7 +194,7 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
     _lib.impl(name, kernel_for(run_cpu), "CPU")
     _lib.impl(name, kernel_for(launch), "CUDA")
     torch.library.register_fake(f"revtriton::{name}", lambda *args: None, lib=_lib)
-    return ChainOp(getattr(torch.ops.revtriton, name).default, run_cpu, launch, written)
+    return ChainOp(getattr(torch.ops.revtriton, name).default, run_cpu, launch, written, n_tensors)
 
 
 def _watched():
@@ -215,17 +215,19 @@ class ChainOp:
     on CPU or CUDA) the call runs the kernel the dispatcher would pick without the op's argument
     checks, bumping the versions of what it writes: together those cost four times a small
     coupling's launch (``python -m bench host``), and a chain makes four calls per block and
-    step. Otherwise (torch.compile, fake or meta tensors, the profiler) it calls the op.
+    step. Otherwise (torch.compile, fake or meta tensors, a tensor subclass such as the
+    AsyncCollectiveTensor a tensor-parallel F returns, the profiler) it calls the op.
     ``torch.ops.revtriton.<name>``, the op itself, checks every call.
     """
 
-    def __init__(self, op, cpu, cuda, written):
-        self.op, self.cpu, self.cuda, self.written = op, cpu, cuda, written
+    def __init__(self, op, cpu, cuda, written, n_tensors):
+        self.op, self.cpu, self.cuda, self.written, self.n_tensors = op, cpu, cuda, written, n_tensors
 
     def __call__(self, *args):
         first = args[0]
-        if _watched() or type(first) is not torch.Tensor or not (first.is_cpu or first.is_cuda):
-            return self.op(*args)
+        if _watched() or not (first.is_cpu or first.is_cuda) or any(
+                type(t) is not torch.Tensor for t in args[:self.n_tensors] if t is not None):
+            return self.op(*args)  # e.g. F's output an AsyncCollectiveTensor (tensor parallelism)
         torch.autograd.graph.increment_version([args[i] for i in self.written if args[i] is not None])
         (self.cuda if first.is_cuda else self.cpu)(*args)
 

@@ -163,6 +163,26 @@ def test_the_blocks_calls_run_the_ops_kernel_in_eager_and_the_op_where_something
     ops.coupling_forward(meta, meta)  # the op's fake kernel: nothing to compute
 
 
+def test_the_blocks_calls_take_the_op_for_a_tensor_subclass_in_any_operand(monkeypatch):
+    """A tensor-parallel F returns an AsyncCollectiveTensor, whose data the kernel cannot read
+    until the dispatcher has waited for it: any operand of a subclass goes through the op."""
+    from revtriton import ops
+
+    class Sub(torch.Tensor):
+        pass
+
+    calls = []
+    op = ops.coupling_forward.op
+    monkeypatch.setattr(ops.coupling_forward, "op", lambda *args: calls.append(args) or op(*args))
+    a, b = _args(2)
+    expected = a + b
+    ops.coupling_forward(a, b.as_subclass(Sub))
+    assert len(calls) == 1
+    torch.testing.assert_close(a, expected)
+    ops.coupling_forward(a, b)
+    assert len(calls) == 1
+
+
 def test_a_recompute_whose_output_changed_shape_is_refused_naming_the_call():
     """The blocks' ops take F's and G's outputs unchecked: the recompute checks them itself."""
     import revtriton as rt
