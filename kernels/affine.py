@@ -21,7 +21,7 @@ GPU the last bits of ``ld`` depend on the order the programs of a sample finish 
 import triton
 import triton.language as tl
 
-from .layout import at, launch_per_sample, tile
+from .layout import at, launch_per_sample, sample_of, tile
 
 
 @triton.jit
@@ -50,8 +50,8 @@ def _affine_kernel(x_ptr, s_ptr, t_ptr, x_stride, s_stride, t_stride, n_rows, n_
     tl.store(x_ptrs, x.to(x_ptr.dtype.element_ty), mask=mask)
     if ld_ptr is not None:  # one atomic add per row, into the row's sample
         row_sums = tl.sum(tl.where(mask, s, 0.0), axis=1)
-        tl.atomic_add(ld_ptr + (rows // rows_per_sample) * ld_stride, row_sums.to(ld_ptr.dtype.element_ty),
-                      mask=rows < n_rows, sem="relaxed")
+        tl.atomic_add(ld_ptr + sample_of(rows, n_rows, rows_per_sample) * ld_stride,
+                      row_sums.to(ld_ptr.dtype.element_ty), mask=rows < n_rows, sem="relaxed")
 
 
 @triton.jit
@@ -70,7 +70,8 @@ def _backward_kernel(y_ptr, dy_ptr, s_ptr, t_ptr, ds_ptr, y_stride, dy_stride, s
     shifted = y - t  # x2 * exp(s_c)
     ds = dy * shifted
     if ld_grad_ptr is not None:  # one load per row, from the row's sample
-        ld_grad = tl.load(ld_grad_ptr + (rows // rows_per_sample) * ld_grad_stride, mask=rows < n_rows)
+        samples = sample_of(rows, n_rows, rows_per_sample)
+        ld_grad = tl.load(ld_grad_ptr + samples * ld_grad_stride, mask=rows < n_rows)
         ds += ld_grad.to(ACC)[:, None]
     tl.store(y_ptrs, (shifted / scale).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(dy_ptrs, (dy * scale).to(dy_ptr.dtype.element_ty), mask=mask)
@@ -90,7 +91,8 @@ def _inverse_backward_kernel(x_ptr, dx_ptr, s_ptr, ds_ptr, x_stride, dx_stride, 
     th = _tanh(tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC) * (1 / c))
     ds = dx * x
     if ld_grad_ptr is not None:  # one load per row, from the row's sample
-        ld_grad = tl.load(ld_grad_ptr + (rows // rows_per_sample) * ld_grad_stride, mask=rows < n_rows)
+        samples = sample_of(rows, n_rows, rows_per_sample)
+        ld_grad = tl.load(ld_grad_ptr + samples * ld_grad_stride, mask=rows < n_rows)
         ds += ld_grad.to(ACC)[:, None]
     # two exps rather than a division: a full-precision division spilled registers (triton 3.6, sm_100)
     tl.store(x_ptrs, (x * tl.exp(c * th)).to(x_ptr.dtype.element_ty), mask=mask)

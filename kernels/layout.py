@@ -148,6 +148,19 @@ def tile_of(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def sample_of(rows, n_rows, rows_per_sample):
+    """``rows // rows_per_sample`` (int64): the sample of each row. The division runs in 32 bits
+    where ``n_rows < 2**31`` (Triton passes such an int as i32, or 1 as a constant): every row
+    below ``n_rows`` then fits in int32, and a masked row of the last tile past it may wrap
+    harmlessly. Rows past 2**31 divide in 64 bits (a PTX subroutine of some 70 instructions)."""
+    if (tl.zeros((), tl.int32) + n_rows).dtype == tl.int64:
+        sample = rows // rows_per_sample
+    else:
+        sample = (rows.to(tl.int32) // rows_per_sample).to(tl.int64)
+    return sample
+
+
+@triton.jit
 def at(ptr, stride, rows, cols):
     """Pointers to the elements ``rows x cols`` of a tensor whose rows are ``stride`` apart."""
     return ptr + rows[:, None] * stride + cols[None, :]

@@ -319,6 +319,23 @@ def test_half_precision_results_are_the_fp32_computation_rounded_once(name, dtyp
             assert ((tensors[i].float() - value).abs() <= torch.finfo(dtype).eps * value.abs()).all(), i
 
 
+@triton.jit
+def _samples_of(rows_ptr, out_ptr, n_rows, rows_per_sample, BLOCK: tl.constexpr):
+    rows = tl.load(rows_ptr + tl.arange(0, BLOCK))
+    tl.store(out_ptr + tl.arange(0, BLOCK), layout.sample_of(rows, n_rows, rows_per_sample))
+
+
+@pytest.mark.parametrize("n_rows", [2**31 - 1, 2**31 + 9])
+def test_a_rows_sample_is_exact_on_either_side_of_2_31_rows(n_rows):
+    """``sample_of`` divides in 32 bits where n_rows < 2**31 (Triton passes it as i32) and in 64
+    bits past it; rows near n_rows and near 2**31 get ``row // rows_per_sample`` either way."""
+    rows = torch.tensor([0, 1, 2**31 - 9, 2**31 - 2, n_rows - 3, n_rows - 2, n_rows - 1, n_rows - 1])
+    out = torch.empty_like(rows)
+    for rows_per_sample in (1, 3, 2**30):
+        _samples_of[(1,)](rows, out, n_rows, rows_per_sample, BLOCK=len(rows))
+        assert torch.equal(out, rows // rows_per_sample), rows_per_sample
+
+
 def test_a_changed_stride_dtype_or_alignment_misses_the_launch_cache_and_stays_correct():
     """Each launch is cached under its shapes, strides, dtypes and 16-byte alignment: a launch
     that differs in any of them makes its own plan and computes its own right values."""
