@@ -35,21 +35,25 @@ def _tanh(x):
 @triton.jit
 def _affine_kernel(x_ptr, s_ptr, t_ptr, x_stride, s_stride, t_stride, n_rows, n_cols,
                    ld_ptr, ld_stride, rows_per_sample, clamp: tl.float64,
-                   INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
-    x_ptrs = at(x_ptr, x_stride, rows, cols)
-    x = tl.load(x_ptrs, mask=mask).to(ACC)
-    s = tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC)
-    t = tl.load(at(t_ptr, t_stride, rows, cols), mask=mask).to(ACC)
+                   INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                   PARTS: tl.constexpr):
+    row_sums = tl.zeros((BLOCK_R,), ACC)
     c = tl.full((), clamp, ACC)
-    s = c * _tanh(s * (1 / c))
-    if INVERSE:
-        x = (x - t) / tl.exp(s)
-    else:
-        x = x * tl.exp(s) + t
-    tl.store(x_ptrs, x.to(x_ptr.dtype.element_ty), mask=mask)
+    for part in tl.static_range(PARTS):  # the tile, or its rows' body and tail (layout.tile_of)
+        rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C, part, PARTS)
+        x_ptrs = at(x_ptr, x_stride, rows, cols)
+        x = tl.load(x_ptrs, mask=mask).to(ACC)
+        s = tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC)
+        t = tl.load(at(t_ptr, t_stride, rows, cols), mask=mask).to(ACC)
+        s = c * _tanh(s * (1 / c))
+        if INVERSE:
+            x = (x - t) / tl.exp(s)
+        else:
+            x = x * tl.exp(s) + t
+        tl.store(x_ptrs, x.to(x_ptr.dtype.element_ty), mask=mask)
+        if ld_ptr is not None:  # a row's s_c, summed over its parts
+            row_sums += tl.sum(tl.where(mask, s, 0.0), axis=1)
     if ld_ptr is not None:  # one atomic add per row, into the row's sample
-        row_sums = tl.sum(tl.where(mask, s, 0.0), axis=1)
         tl.atomic_add(ld_ptr + sample_of(rows, n_rows, rows_per_sample) * ld_stride,
                       row_sums.to(ld_ptr.dtype.element_ty), mask=rows < n_rows, sem="relaxed")
 
@@ -57,47 +61,49 @@ def _affine_kernel(x_ptr, s_ptr, t_ptr, x_stride, s_stride, t_stride, n_rows, n_
 @triton.jit
 def _backward_kernel(y_ptr, dy_ptr, s_ptr, t_ptr, ds_ptr, y_stride, dy_stride, s_stride, t_stride, ds_stride,
                      n_rows, n_cols, ld_grad_ptr, ld_grad_stride, rows_per_sample, clamp: tl.float64,
-                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
-    y_ptrs = at(y_ptr, y_stride, rows, cols)
-    dy_ptrs = at(dy_ptr, dy_stride, rows, cols)
-    y = tl.load(y_ptrs, mask=mask).to(ACC)
-    dy = tl.load(dy_ptrs, mask=mask).to(ACC)
+                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PARTS: tl.constexpr):
     c = tl.full((), clamp, ACC)
-    th = _tanh(tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC) * (1 / c))
-    t = tl.load(at(t_ptr, t_stride, rows, cols), mask=mask).to(ACC)
-    scale = tl.exp(c * th)
-    shifted = y - t  # x2 * exp(s_c)
-    ds = dy * shifted
-    if ld_grad_ptr is not None:  # one load per row, from the row's sample
-        samples = sample_of(rows, n_rows, rows_per_sample)
-        ld_grad = tl.load(ld_grad_ptr + samples * ld_grad_stride, mask=rows < n_rows)
-        ds += ld_grad.to(ACC)[:, None]
-    tl.store(y_ptrs, (shifted / scale).to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(dy_ptrs, (dy * scale).to(dy_ptr.dtype.element_ty), mask=mask)
-    tl.store(at(ds_ptr, ds_stride, rows, cols), (ds * (1 - th * th)).to(ds_ptr.dtype.element_ty), mask=mask)
+    for part in tl.static_range(PARTS):  # the tile, or its rows' body and tail (layout.tile_of)
+        rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C, part, PARTS)
+        y_ptrs = at(y_ptr, y_stride, rows, cols)
+        dy_ptrs = at(dy_ptr, dy_stride, rows, cols)
+        y = tl.load(y_ptrs, mask=mask).to(ACC)
+        dy = tl.load(dy_ptrs, mask=mask).to(ACC)
+        th = _tanh(tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC) * (1 / c))
+        t = tl.load(at(t_ptr, t_stride, rows, cols), mask=mask).to(ACC)
+        scale = tl.exp(c * th)
+        shifted = y - t  # x2 * exp(s_c)
+        ds = dy * shifted
+        if ld_grad_ptr is not None:  # one load per row and part, from the row's sample
+            samples = sample_of(rows, n_rows, rows_per_sample)
+            ld_grad = tl.load(ld_grad_ptr + samples * ld_grad_stride, mask=rows < n_rows)
+            ds += ld_grad.to(ACC)[:, None]
+        tl.store(y_ptrs, (shifted / scale).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(dy_ptrs, (dy * scale).to(dy_ptr.dtype.element_ty), mask=mask)
+        tl.store(at(ds_ptr, ds_stride, rows, cols), (ds * (1 - th * th)).to(ds_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _inverse_backward_kernel(x_ptr, dx_ptr, s_ptr, ds_ptr, x_stride, dx_stride, s_stride, ds_stride,
                              n_rows, n_cols, ld_grad_ptr, ld_grad_stride, rows_per_sample, clamp: tl.float64,
-                             ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
-    x_ptrs = at(x_ptr, x_stride, rows, cols)
-    dx_ptrs = at(dx_ptr, dx_stride, rows, cols)
-    x = tl.load(x_ptrs, mask=mask).to(ACC)
-    dx = tl.load(dx_ptrs, mask=mask).to(ACC)
+                             ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PARTS: tl.constexpr):
     c = tl.full((), clamp, ACC)
-    th = _tanh(tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC) * (1 / c))
-    ds = dx * x
-    if ld_grad_ptr is not None:  # one load per row, from the row's sample
-        samples = sample_of(rows, n_rows, rows_per_sample)
-        ld_grad = tl.load(ld_grad_ptr + samples * ld_grad_stride, mask=rows < n_rows)
-        ds += ld_grad.to(ACC)[:, None]
-    # two exps rather than a division: a full-precision division spilled registers (triton 3.6, sm_100)
-    tl.store(x_ptrs, (x * tl.exp(c * th)).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(dx_ptrs, (dx * tl.exp(-c * th)).to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(at(ds_ptr, ds_stride, rows, cols), (-ds * (1 - th * th)).to(ds_ptr.dtype.element_ty), mask=mask)
+    for part in tl.static_range(PARTS):  # the tile, or its rows' body and tail (layout.tile_of)
+        rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C, part, PARTS)
+        x_ptrs = at(x_ptr, x_stride, rows, cols)
+        dx_ptrs = at(dx_ptr, dx_stride, rows, cols)
+        x = tl.load(x_ptrs, mask=mask).to(ACC)
+        dx = tl.load(dx_ptrs, mask=mask).to(ACC)
+        th = _tanh(tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC) * (1 / c))
+        ds = dx * x
+        if ld_grad_ptr is not None:  # one load per row and part, from the row's sample
+            samples = sample_of(rows, n_rows, rows_per_sample)
+            ld_grad = tl.load(ld_grad_ptr + samples * ld_grad_stride, mask=rows < n_rows)
+            ds += ld_grad.to(ACC)[:, None]
+        # two exps rather than a division: a full-precision division spilled registers (triton 3.6, sm_100)
+        tl.store(x_ptrs, (x * tl.exp(c * th)).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptrs, (dx * tl.exp(-c * th)).to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(at(ds_ptr, ds_stride, rows, cols), (-ds * (1 - th * th)).to(ds_ptr.dtype.element_ty), mask=mask)
 
 
 def affine_forward_(x, s, t, ld, clamp):

@@ -102,6 +102,22 @@ def test_no_64_bit_integer_division(rows):
     assert [r for r in rows if r["div64"]] == []
 
 
+def test_rows_of_odd_length_move_their_body_128_bits_per_access(rows):
+    """Rows of 175 or 525 elements (the "odd" layout): where one tensor's rows start 16-byte
+    aligned (a chain's halves addressed as one row), its loads of each row's body, all but the
+    last 15 elements at most, are 128 bits wide and only the tail is masked element by element.
+    Rows 175 elements apart (the per-sample rows of the log-determinant launches) cannot start
+    aligned: those stay scalar, with no split (the kernel compiles as for one part)."""
+    odd = [r for r in rows if r["target"] == "sm_90" and r["layout"] == "odd"]
+    assert len(odd) == 15 * 5
+    for r in odd:
+        name = (r["launch"], r["precision"])
+        if r["launch"].endswith("_ld"):
+            assert r["wide_loads"] == 0 and r["constexprs"]["PARTS"] == "1", name
+        else:
+            assert r["wide_loads"] > 0 and r["constexprs"]["PARTS"] == "2", name
+
+
 def test_the_log_det_adds_one_relaxed_atomic_per_program_on_long_rows(rows):
     for r in rows:
         if r["target"] == "sm_90" and r["launch"] == "affine_forward_ld" and r["layout"] in CONTIGUOUS:
@@ -114,11 +130,12 @@ def test_the_log_det_adds_one_relaxed_atomic_per_program_on_long_rows(rows):
 
 def test_one_compiled_kernel_serves_every_scale_momentum_and_sign(rows):
     """``clamp``, ``beta`` and the sign of ``add_``/``sub_`` are runtime fp64 arguments: the launchers
-    choose only the dtype, the tile and the affine direction at compile time."""
+    choose only the dtype, the tile (and whether its rows split into body and tail) and the affine
+    direction at compile time."""
     specialised = {"n_rows", "n_cols", "rows_per_sample"}  # by Triton: ints equal to 1, pointers that are None
     chosen = {name for r in rows for name in r["constexprs"]
               if name not in specialised and not name.endswith(("_stride", "_ptr"))}
-    assert chosen == {"ACC", "BLOCK_R", "BLOCK_C", "INVERSE"}
+    assert chosen == {"ACC", "BLOCK_R", "BLOCK_C", "INVERSE", "PARTS"}
     scalars = {(name, r["signature"][name]) for r in rows for name in ("sign", "clamp", "beta") if name in r["signature"]}
     assert scalars == {("sign", "fp64"), ("clamp", "fp64"), ("beta", "fp64")}  # exact in fp64 kernels
     for r in rows:
