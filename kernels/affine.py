@@ -13,7 +13,9 @@
 gradient flowing into ``t`` is ``dy2`` itself. ``ld`` and ``ld_grad`` hold one value per index
 of dim 0 (a sample), with any stride (autograd hands in expanded gradients), or are None.
 ``clamp`` is a runtime argument: one compiled kernel serves every value, exact in fp64.
-Each step is one pass over memory; arithmetic runs in fp32 (fp64 for fp64 tensors). With a
+Each step is one pass over memory; arithmetic runs in fp32 (fp64 for fp64 tensors). A division
+by ``exp(s_c)`` is formed as a product with ``exp(-s_c)``: per-element divisions made ptxas
+spill a few bytes, at 48 to 64 registers, in kernels whose rows split into body and tail. With a
 per-sample operand, rows never span samples, so a row's sample is found once per row (no
 integer division per element) and each row's sum is added with one relaxed atomic add: on a
 GPU the last bits of ``ld`` depend on the order the programs of a sample finish in.
@@ -39,15 +41,16 @@ def _affine_kernel(x_ptr, s_ptr, t_ptr, x_stride, s_stride, t_stride, n_rows, n_
                    PARTS: tl.constexpr):
     row_sums = tl.zeros((BLOCK_R,), ACC)
     c = tl.full((), clamp, ACC)
+    inv_c = 1 / c
     for part in tl.static_range(PARTS):  # the tile, or its rows' body and tail (layout.tile_of)
         rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C, part, PARTS)
         x_ptrs = at(x_ptr, x_stride, rows, cols)
         x = tl.load(x_ptrs, mask=mask).to(ACC)
         s = tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC)
         t = tl.load(at(t_ptr, t_stride, rows, cols), mask=mask).to(ACC)
-        s = c * _tanh(s * (1 / c))
+        s = c * _tanh(s * inv_c)
         if INVERSE:
-            x = (x - t) / tl.exp(s)
+            x = (x - t) * tl.exp(-s)
         else:
             x = x * tl.exp(s) + t
         tl.store(x_ptrs, x.to(x_ptr.dtype.element_ty), mask=mask)
@@ -63,13 +66,14 @@ def _backward_kernel(y_ptr, dy_ptr, s_ptr, t_ptr, ds_ptr, y_stride, dy_stride, s
                      n_rows, n_cols, ld_grad_ptr, ld_grad_stride, rows_per_sample, clamp: tl.float64,
                      ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PARTS: tl.constexpr):
     c = tl.full((), clamp, ACC)
+    inv_c = 1 / c
     for part in tl.static_range(PARTS):  # the tile, or its rows' body and tail (layout.tile_of)
         rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C, part, PARTS)
         y_ptrs = at(y_ptr, y_stride, rows, cols)
         dy_ptrs = at(dy_ptr, dy_stride, rows, cols)
         y = tl.load(y_ptrs, mask=mask).to(ACC)
         dy = tl.load(dy_ptrs, mask=mask).to(ACC)
-        th = _tanh(tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC) * (1 / c))
+        th = _tanh(tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC) * inv_c)
         t = tl.load(at(t_ptr, t_stride, rows, cols), mask=mask).to(ACC)
         scale = tl.exp(c * th)
         shifted = y - t  # x2 * exp(s_c)
@@ -78,7 +82,7 @@ def _backward_kernel(y_ptr, dy_ptr, s_ptr, t_ptr, ds_ptr, y_stride, dy_stride, s
             samples = sample_of(rows, n_rows, rows_per_sample)
             ld_grad = tl.load(ld_grad_ptr + samples * ld_grad_stride, mask=rows < n_rows)
             ds += ld_grad.to(ACC)[:, None]
-        tl.store(y_ptrs, (shifted / scale).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptrs, (shifted * tl.exp(-c * th)).to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(dy_ptrs, (dy * scale).to(dy_ptr.dtype.element_ty), mask=mask)
         tl.store(at(ds_ptr, ds_stride, rows, cols), (ds * (1 - th * th)).to(ds_ptr.dtype.element_ty), mask=mask)
 
@@ -88,13 +92,14 @@ def _inverse_backward_kernel(x_ptr, dx_ptr, s_ptr, ds_ptr, x_stride, dx_stride, 
                              n_rows, n_cols, ld_grad_ptr, ld_grad_stride, rows_per_sample, clamp: tl.float64,
                              ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PARTS: tl.constexpr):
     c = tl.full((), clamp, ACC)
+    inv_c = 1 / c
     for part in tl.static_range(PARTS):  # the tile, or its rows' body and tail (layout.tile_of)
         rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C, part, PARTS)
         x_ptrs = at(x_ptr, x_stride, rows, cols)
         dx_ptrs = at(dx_ptr, dx_stride, rows, cols)
         x = tl.load(x_ptrs, mask=mask).to(ACC)
         dx = tl.load(dx_ptrs, mask=mask).to(ACC)
-        th = _tanh(tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC) * (1 / c))
+        th = _tanh(tl.load(at(s_ptr, s_stride, rows, cols), mask=mask).to(ACC) * inv_c)
         ds = dx * x
         if ld_grad_ptr is not None:  # one load per row and part, from the row's sample
             samples = sample_of(rows, n_rows, rows_per_sample)

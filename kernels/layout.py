@@ -163,16 +163,15 @@ def tile_of(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, P
 
     With ``PARTS == 2`` (rows longer than BODY that are not a multiple of it) a kernel runs its
     arithmetic once per part, ``for part in tl.static_range(PARTS)``. With ``body = n_cols // BODY
-    * BODY``, part 0 is the row's tail, columns ``body`` to ``n_cols - 1`` (fewer than BODY), taken
-    as BODY columns from ``body`` by the programs of the last column tile (which holds the whole
-    tail: BLOCK_C is a power of two >= BODY) and as BODY columns past the row's end, all masked,
-    by the others; part 1 is the tile's columns below ``body``. Each element of the tile is in
-    exactly one part. The body's bound is a multiple of 16 the compiler can see, so its mask is
+    * BODY``, part 0 is the tile's columns below ``body`` and part 1 the row's tail, columns
+    ``body`` to ``n_cols - 1`` (fewer than BODY), taken as BODY columns from ``body`` by the
+    programs of the last column tile (which holds the whole tail: BLOCK_C is a power of two >=
+    BODY) and as BODY columns past the row's end, all masked, by the others. Each element of the
+    tile is in exactly one part. The body's bound is a multiple of 16 the compiler can see, so its mask is
     uniform over every 16 aligned columns, and where a tensor's rows start 16-byte aligned (the
     data pointer and row stride divisible by 16, as Triton specialises them) its loads and stores
     are 128 bits wide; a mask against ``n_cols`` itself, not a multiple of 16, makes every access
-    a scalar one. (The tail goes first: after the body, triton 3.9's ptxas spilled 4 bytes at 48
-    to 56 registers in two fp32 affine launches that divide, on sm_80 and sm_90.)"""
+    a scalar one."""
     col_tiles = (n_cols - 1) // BLOCK_C + 1
     col_tile = pid % col_tiles
     rows = (pid // col_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -180,12 +179,12 @@ def tile_of(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, P
         cols = col_tile.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
         in_row = cols < n_cols
     elif PART == 0:
+        cols = col_tile.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        in_row = cols < n_cols // BODY * BODY
+    else:
         start = tl.where(col_tile == col_tiles - 1, n_cols // BODY * BODY, n_cols)  # others: past the row's end
         cols = start.to(tl.int64) + tl.arange(0, BODY)
         in_row = cols < n_cols
-    else:
-        cols = col_tile.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-        in_row = cols < n_cols // BODY * BODY
     return rows, cols, (rows < n_rows)[:, None] & in_row[None, :]
 
 
