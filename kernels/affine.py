@@ -13,9 +13,9 @@
 gradient flowing into ``t`` is ``dy2`` itself. ``ld`` and ``ld_grad`` hold one value per index
 of dim 0 (a sample), with any stride (autograd hands in expanded gradients), or are None.
 ``clamp`` is a runtime argument: one compiled kernel serves every value, exact in fp64.
-Each step is one pass over memory; arithmetic runs in fp32 (fp64 for fp64 tensors). A division
-by ``exp(s_c)`` is formed as a product with ``exp(-s_c)``: per-element divisions made ptxas
-spill a few bytes, at 48 to 64 registers, in kernels whose rows split into body and tail. With a
+Each step is one pass over memory; arithmetic runs in fp32 (fp64 for fp64 tensors). The
+backward forms x2 as ``(y2 - t) * exp(-s_c)``: its division made ptxas spill a few bytes, at
+48 to 64 registers, where rows split into body and tail (triton 3.6 and 3.8). With a
 per-sample operand, rows never span samples, so a row's sample is found once per row (no
 integer division per element) and each row's sum is added with one relaxed atomic add: on a
 GPU the last bits of ``ld`` depend on the order the programs of a sample finish in.
@@ -50,7 +50,7 @@ def _affine_kernel(x_ptr, s_ptr, t_ptr, x_stride, s_stride, t_stride, n_rows, n_
         t = tl.load(at(t_ptr, t_stride, rows, cols), mask=mask).to(ACC)
         s = c * _tanh(s * inv_c)
         if INVERSE:
-            x = (x - t) * tl.exp(-s)
+            x = (x - t) / tl.exp(s)
         else:
             x = x * tl.exp(s) + t
         tl.store(x_ptrs, x.to(x_ptr.dtype.element_ty), mask=mask)

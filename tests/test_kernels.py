@@ -292,7 +292,7 @@ OPS = {
     "coupling_inverse": (2, (), lambda a, b: {0: a - b}),
     "coupling_backward": (4, (), lambda a, b, c, d: {0: a - b, 2: c + d}),
     "affine_forward": (3, (None, 2.0), lambda x, s, t: {0: x * torch.exp(2.0 * _soft_clamp_tanh(s, 2.0)) + t}),
-    "affine_inverse": (3, (2.0,), lambda y, s, t: {0: (y - t) * torch.exp(-2.0 * _soft_clamp_tanh(s, 2.0))}),
+    "affine_inverse": (3, (2.0,), lambda y, s, t: {0: (y - t) / torch.exp(2.0 * _soft_clamp_tanh(s, 2.0))}),
     "affine_backward": (5, (torch.linspace(-1, 1, 4), 2.0),
                         lambda y, dy, s, t, ds: _affine_backward(y, dy, s, t, torch.linspace(-1, 1, 4), 2.0)),
     "momentum_forward": (3, (0.9,), lambda x, v, f: _momentum_forward(x, v, f, 0.9)),
