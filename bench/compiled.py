@@ -38,6 +38,7 @@ LAYOUTS = {
     "odd": ((3, 10, 5, 7), 1, "stream"),  # rows of 175: the tail of each block is masked
     "strided": ((8, 64, 16, 16), 1, "x"),  # the halves of x itself: rows of 8192, a row stride of 16384
     "short": ((4096, 2), 1, "x"),  # the halves of an (N, 2) tensor: rows of one element, stride 2
+    "inner": ((64, 8, 4), 2, "x"),  # the halves of x split after dim 1: rows of 2, 4 apart, 8 rows a sample
 }
 
 

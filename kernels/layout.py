@@ -11,9 +11,11 @@ elements (2048 in fp64: 64 bytes of each operand per thread of 8 warps, four 128
 accesses): a long row is cut into tiles of one row, short rows are stacked into one tile, so
 that every program has a full block of work (not one warp per element for the halves of an
 ``(N, 2)`` tensor) and a launch needs at most ``numel / 1024 + 1`` programs, far below the
-grid's limit of 2**31 - 1. Offsets are 64-bit, so tensors over 2**31 elements are addressed
-correctly; the division that finds a program's tile runs once per program, in 32 bits unless
-a row is longer than 2**31 elements.
+grid's limit of 2**31 - 1. A row longer than 16 elements but not a multiple of 16 is run as a
+body and a tail where some tensor's rows start 16-byte aligned (:func:`tile_of`), so the body
+moves 128 bits per access and only the tail is masked element by element. Offsets are 64-bit,
+so tensors over 2**31 elements are addressed correctly; the division that finds a program's
+tile runs once per program, in 32 bits unless a row is longer than 2**31 elements.
 
 A launch's host work (the row layout, the tiling, Triton's argument binding, specialisation and
 kernel-cache lookup) depends only on the operands' shapes, strides, dtypes, device and 16-byte
@@ -31,6 +33,7 @@ from triton import knobs
 
 TILE_BYTES = 16384  # of each operand, in the arithmetic's dtype, per program
 MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on the x dimension of a grid
+BODY = tl.constexpr(16)  # elements: a split row's body is a multiple of 16 long, its tail shorter (tile_of)
 
 
 def _trailing_contiguous(t, dims):
@@ -124,27 +127,78 @@ def tiling(n_rows, n_cols, acc_bytes=4):
     return block_r, block_c, max(1, min(8, block_r * block_c * acc_bytes // 1024)), programs
 
 
+def parts(n_rows, n_cols, tensors, row_strides):
+    """2 where a kernel should split each row into a body and a tail (:func:`tile_of`), else 1:
+    where rows are longer than BODY but not a multiple of it and at least one tensor's rows all
+    start 16-byte aligned (its data pointer, and its row stride in elements unless there is one
+    row, divisible by 16: what Triton specialises on), so that the body can move 128 bits per
+    access. Where no tensor's rows are so aligned (rows of odd length packed one after another)
+    wide accesses are impossible and the split would only add the tail's instructions."""
+    if n_cols <= BODY.value or n_cols % BODY.value == 0:
+        return 1
+    aligned = any(not t.data_ptr() % 16 and (n_rows == 1 or not stride % 16) for t, stride in zip(tensors, row_strides))
+    return 2 if aligned else 1
+
+
 def accumulator(tensors):
     """The dtype arithmetic runs in: fp64 for fp64 inputs, fp32 otherwise (fp16/bf16 too)."""
     return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
 @triton.jit
-def tile(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's rows and columns (int64 vectors) and the mask of its tile's elements."""
-    return tile_of(tl.program_id(0), n_rows, n_cols, BLOCK_R, BLOCK_C)
+def tile(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PART: tl.constexpr = 0,
+         PARTS: tl.constexpr = 1):
+    """This program's rows and columns (int64 vectors) and the mask of its tile's elements, or of
+    part ``PART`` of them (see :func:`tile_of`)."""
+    return tile_of(tl.program_id(0), n_rows, n_cols, BLOCK_R, BLOCK_C, PART, PARTS)
 
 
 @triton.jit
-def tile_of(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def tile_of(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PART: tl.constexpr = 0,
+            PARTS: tl.constexpr = 1):
     """The rows and columns (int64 vectors) of tile ``pid`` and the mask of its elements: tile
     ``pid`` covers rows ``pid // col_tiles`` and columns ``pid % col_tiles`` in blocks, with
     ``col_tiles = ceil(n_cols / BLOCK_C)`` formed as ``(n_cols - 1) // BLOCK_C + 1`` (n_cols >= 1):
-    ``tl.cdiv`` adds ``BLOCK_C - 1`` first, which wraps in int32 for a row within BLOCK_C of 2**31."""
+    ``tl.cdiv`` adds ``BLOCK_C - 1`` first, which wraps in int32 for a row within BLOCK_C of 2**31.
+
+    With ``PARTS == 2`` (rows longer than BODY that are not a multiple of it) a kernel runs its
+    arithmetic once per part, ``for part in tl.static_range(PARTS)``. With ``body = n_cols // BODY
+    * BODY``, part 0 is the tile's columns below ``body`` and part 1 the row's tail, columns
+    ``body`` to ``n_cols - 1`` (fewer than BODY), taken as BODY columns from ``body`` by the
+    programs of the last column tile (which holds the whole tail: BLOCK_C is a power of two >=
+    BODY) and as BODY columns past the row's end, all masked, by the others. Each element of the
+    tile is in exactly one part. The body's bound is a multiple of 16 the compiler can see, so its mask is
+    uniform over every 16 aligned columns, and where a tensor's rows start 16-byte aligned (the
+    data pointer and row stride divisible by 16, as Triton specialises them) its loads and stores
+    are 128 bits wide; a mask against ``n_cols`` itself, not a multiple of 16, makes every access
+    a scalar one."""
     col_tiles = (n_cols - 1) // BLOCK_C + 1
+    col_tile = pid % col_tiles
     rows = (pid // col_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (pid % col_tiles).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return rows, cols, (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    if PARTS == 1:
+        cols = col_tile.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        in_row = cols < n_cols
+    elif PART == 0:
+        cols = col_tile.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        in_row = cols < n_cols // BODY * BODY
+    else:
+        start = tl.where(col_tile == col_tiles - 1, n_cols // BODY * BODY, n_cols)  # others: past the row's end
+        cols = start.to(tl.int64) + tl.arange(0, BODY)
+        in_row = cols < n_cols
+    return rows, cols, (rows < n_rows)[:, None] & in_row[None, :]
+
+
+@triton.jit
+def sample_of(rows, n_rows, rows_per_sample):
+    """``rows // rows_per_sample`` (int64): the sample of each row. The division runs in 32 bits
+    where ``n_rows < 2**31`` (Triton passes such an int as i32, or 1 as a constant): every row
+    below ``n_rows`` then fits in int32, and a masked row of the last tile past it may wrap
+    harmlessly. Rows past 2**31 divide in 64 bits (a PTX subroutine of some 70 instructions)."""
+    if (tl.zeros((), tl.int32) + n_rows).dtype == tl.int64:
+        sample = rows // rows_per_sample
+    else:
+        sample = (rows.to(tl.int32) // rows_per_sample).to(tl.int64)
+    return sample
 
 
 @triton.jit
@@ -199,7 +253,8 @@ def _plan(kernel, tensors, mutated, samples, constexprs, per_sample):
     block_r, block_c, num_warps, programs = tiling(n_rows, n_cols, acc.primitive_bitwidth // 8)
     after = () if not per_sample else (0, 1) if samples is None else (samples.stride(0), n_rows // tensors[0].shape[0])
     plan = _Plan((*strides, n_rows, n_cols), after, programs,
-                 dict(constexprs, ACC=acc, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps))
+                 dict(constexprs, ACC=acc, BLOCK_R=block_r, BLOCK_C=block_c,
+                      PARTS=parts(n_rows, n_cols, laid_out, strides), num_warps=num_warps))
     copied = any(a is not b for a, b in zip(laid_out, tensors))
     return (None if copied else plan), plan, laid_out
 
@@ -266,7 +321,8 @@ def _launch(kernel, tensors, mutated, samples, scalars, constexprs, per_sample):
 
 def launch(kernel, tensors, mutated, *scalars, **constexprs):
     """Launch an elementwise tile kernel whose arguments are ``*tensors, *row_strides, n_rows,
-    n_cols, *scalars``, then the constexprs: ``constexprs``, ``ACC``, ``BLOCK_R``, ``BLOCK_C``.
+    n_cols, *scalars``, then the constexprs: ``constexprs``, ``ACC``, ``BLOCK_R``, ``BLOCK_C``,
+    ``PARTS`` (:func:`parts`).
 
     The row layout, tiling and compiled kernel are cached under :func:`_key`; a launch seen
     before calls the compiled kernel directly, as inductor's generated launchers do."""

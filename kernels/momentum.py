@@ -28,73 +28,80 @@ from .layout import at, launch, tile
 
 @triton.jit
 def _forward_kernel(x_ptr, v_ptr, f_ptr, x_stride, v_stride, f_stride, n_rows, n_cols, beta: tl.float64,
-                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
-    x_ptrs = at(x_ptr, x_stride, rows, cols)
-    v_ptrs = at(v_ptr, v_stride, rows, cols)
-    x = tl.load(x_ptrs, mask=mask).to(ACC)
-    v = tl.load(v_ptrs, mask=mask).to(ACC)
-    f = tl.load(at(f_ptr, f_stride, rows, cols), mask=mask).to(ACC)
-    v = tl.full((), beta, ACC) * v + tl.full((), 1.0 - beta, ACC) * f
-    tl.store(v_ptrs, v.to(v_ptr.dtype.element_ty), mask=mask)
-    tl.store(x_ptrs, (x + v).to(x_ptr.dtype.element_ty), mask=mask)
+                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PARTS: tl.constexpr):
+    for part in tl.static_range(PARTS):  # the tile, or its rows' body and tail (layout.tile_of)
+        rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C, part, PARTS)
+        x_ptrs = at(x_ptr, x_stride, rows, cols)
+        v_ptrs = at(v_ptr, v_stride, rows, cols)
+        x = tl.load(x_ptrs, mask=mask).to(ACC)
+        v = tl.load(v_ptrs, mask=mask).to(ACC)
+        f = tl.load(at(f_ptr, f_stride, rows, cols), mask=mask).to(ACC)
+        v = tl.full((), beta, ACC) * v + tl.full((), 1.0 - beta, ACC) * f
+        tl.store(v_ptrs, v.to(v_ptr.dtype.element_ty), mask=mask)
+        tl.store(x_ptrs, (x + v).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _inverse_kernel(v_ptr, f_ptr, v_stride, f_stride, n_rows, n_cols, beta: tl.float64,
-                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
-    v_ptrs = at(v_ptr, v_stride, rows, cols)
-    v = tl.load(v_ptrs, mask=mask).to(ACC)
-    f = tl.load(at(f_ptr, f_stride, rows, cols), mask=mask).to(ACC)
-    v = (v - tl.full((), 1.0 - beta, ACC) * f) * (1 / tl.full((), beta, ACC))
-    tl.store(v_ptrs, v.to(v_ptr.dtype.element_ty), mask=mask)
+                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PARTS: tl.constexpr):
+    for part in tl.static_range(PARTS):  # the tile, or its rows' body and tail (layout.tile_of)
+        rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C, part, PARTS)
+        v_ptrs = at(v_ptr, v_stride, rows, cols)
+        v = tl.load(v_ptrs, mask=mask).to(ACC)
+        f = tl.load(at(f_ptr, f_stride, rows, cols), mask=mask).to(ACC)
+        v = (v - tl.full((), 1.0 - beta, ACC) * f) * (1 / tl.full((), beta, ACC))
+        tl.store(v_ptrs, v.to(v_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _backward_x_kernel(x_ptr, v_ptr, dx_ptr, dv_ptr, x_stride, v_stride, dx_stride, dv_stride, n_rows, n_cols,
-                       beta: tl.float64, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
-    x_ptrs = at(x_ptr, x_stride, rows, cols)
-    dv_ptrs = at(dv_ptr, dv_stride, rows, cols)
-    x = tl.load(x_ptrs, mask=mask).to(ACC)
-    v = tl.load(at(v_ptr, v_stride, rows, cols), mask=mask).to(ACC)
-    dx = tl.load(at(dx_ptr, dx_stride, rows, cols), mask=mask).to(ACC)
-    dv = tl.load(dv_ptrs, mask=mask).to(ACC)
-    tl.store(x_ptrs, (x - v).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, (tl.full((), 1.0 - beta, ACC) * (dx + dv)).to(dv_ptr.dtype.element_ty), mask=mask)
+                       beta: tl.float64, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                       PARTS: tl.constexpr):
+    for part in tl.static_range(PARTS):  # the tile, or its rows' body and tail (layout.tile_of)
+        rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C, part, PARTS)
+        x_ptrs = at(x_ptr, x_stride, rows, cols)
+        dv_ptrs = at(dv_ptr, dv_stride, rows, cols)
+        x = tl.load(x_ptrs, mask=mask).to(ACC)
+        v = tl.load(at(v_ptr, v_stride, rows, cols), mask=mask).to(ACC)
+        dx = tl.load(at(dx_ptr, dx_stride, rows, cols), mask=mask).to(ACC)
+        dv = tl.load(dv_ptrs, mask=mask).to(ACC)
+        tl.store(x_ptrs, (x - v).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_ptrs, (tl.full((), 1.0 - beta, ACC) * (dx + dv)).to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _backward_v_kernel(v_ptr, f_ptr, dx_ptr, fx_ptr, dv_ptr, v_stride, f_stride, dx_stride, fx_stride, dv_stride,
                        n_rows, n_cols, beta: tl.float64, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
-    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
-    v_ptrs = at(v_ptr, v_stride, rows, cols)
-    dx_ptrs = at(dx_ptr, dx_stride, rows, cols)
-    dv_ptrs = at(dv_ptr, dv_stride, rows, cols)
-    v = tl.load(v_ptrs, mask=mask).to(ACC)
-    f = tl.load(at(f_ptr, f_stride, rows, cols), mask=mask).to(ACC)
-    dx = tl.load(dx_ptrs, mask=mask).to(ACC)
-    fx = tl.load(at(fx_ptr, fx_stride, rows, cols), mask=mask).to(ACC)
-    dv = tl.load(dv_ptrs, mask=mask).to(ACC)
-    v = (v - tl.full((), 1.0 - beta, ACC) * f) * (1 / tl.full((), beta, ACC))
-    tl.store(v_ptrs, v.to(v_ptr.dtype.element_ty), mask=mask)
-    tl.store(dx_ptrs, (dx + fx).to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, (dv * (tl.full((), beta, ACC) / tl.full((), 1.0 - beta, ACC))).to(dv_ptr.dtype.element_ty),
-             mask=mask)
+                       BLOCK_C: tl.constexpr, PARTS: tl.constexpr):
+    for part in tl.static_range(PARTS):  # the tile, or its rows' body and tail (layout.tile_of)
+        rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C, part, PARTS)
+        v_ptrs = at(v_ptr, v_stride, rows, cols)
+        dx_ptrs = at(dx_ptr, dx_stride, rows, cols)
+        dv_ptrs = at(dv_ptr, dv_stride, rows, cols)
+        v = tl.load(v_ptrs, mask=mask).to(ACC)
+        f = tl.load(at(f_ptr, f_stride, rows, cols), mask=mask).to(ACC)
+        dx = tl.load(dx_ptrs, mask=mask).to(ACC)
+        fx = tl.load(at(fx_ptr, fx_stride, rows, cols), mask=mask).to(ACC)
+        dv = tl.load(dv_ptrs, mask=mask).to(ACC)
+        v = (v - tl.full((), 1.0 - beta, ACC) * f) * (1 / tl.full((), beta, ACC))
+        tl.store(v_ptrs, v.to(v_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptrs, (dx + fx).to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_ptrs, (dv * (tl.full((), beta, ACC) / tl.full((), 1.0 - beta, ACC))).to(dv_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
 def _inverse_backward_kernel(dx_ptr, fx_ptr, dv_ptr, dx_stride, fx_stride, dv_stride, n_rows, n_cols,
-                             dv_scale: tl.float64, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
-    dx_ptrs = at(dx_ptr, dx_stride, rows, cols)
-    dv_ptrs = at(dv_ptr, dv_stride, rows, cols)
-    dx = tl.load(dx_ptrs, mask=mask).to(ACC) + tl.load(at(fx_ptr, fx_stride, rows, cols), mask=mask).to(ACC)
-    tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    dv = tl.load(dv_ptrs, mask=mask).to(ACC) * tl.full((), dv_scale, ACC) - dx
-    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+                             dv_scale: tl.float64, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_C: tl.constexpr, PARTS: tl.constexpr):
+    for part in tl.static_range(PARTS):  # the tile, or its rows' body and tail (layout.tile_of)
+        rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C, part, PARTS)
+        dx_ptrs = at(dx_ptr, dx_stride, rows, cols)
+        dv_ptrs = at(dv_ptr, dv_stride, rows, cols)
+        dx = tl.load(dx_ptrs, mask=mask).to(ACC) + tl.load(at(fx_ptr, fx_stride, rows, cols), mask=mask).to(ACC)
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dv = tl.load(dv_ptrs, mask=mask).to(ACC) * tl.full((), dv_scale, ACC) - dx
+        tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 def momentum_forward_(x, v, f, beta):

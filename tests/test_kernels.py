@@ -276,7 +276,8 @@ def _soft_clamp_tanh(s, clamp):
 def _affine_backward(y, dy, s, t, ld_grad, clamp):
     th = _soft_clamp_tanh(s, clamp)
     scale, shifted = torch.exp(_c(clamp) * th), y - t
-    return {0: shifted / scale, 1: dy * scale, 4: (dy * shifted + ld_grad[:, None]) * (1 - th * th)}
+    return {0: shifted * torch.exp(-_c(clamp) * th), 1: dy * scale,
+            4: (dy * shifted + ld_grad[:, None]) * (1 - th * th)}
 
 
 def _momentum_forward(x, v, f, beta):
@@ -317,6 +318,95 @@ def test_half_precision_results_are_the_fp32_computation_rounded_once(name, dtyp
             assert torch.equal(tensors[i], value.to(dtype)), i
         else:
             assert ((tensors[i].float() - value).abs() <= torch.finfo(dtype).eps * value.abs()).all(), i
+
+
+# Row lengths around a split row's body (BODY = 16 elements) and around the largest tile's
+# columns (4096 in fp32, fp16 and bf16; 2048 in fp64)
+ROW_LENGTHS = [1, 15, 16, 17, 31, 33, 2047, 2049, 4095, 4097]
+PAD = 4112  # a row stride that is a multiple of 16: every row of a padded tensor starts 16-byte aligned
+
+
+def _padded(n_rows, n_cols, dtype=torch.float32, values=torch.randn):
+    """``(rows, base)``: ``n_rows`` rows of ``n_cols`` elements, PAD apart, viewed in ``base``."""
+    base = values(n_rows, PAD, dtype=dtype)
+    return base[:, :n_cols], base
+
+
+@pytest.mark.parametrize("n_rows", [1, 5])
+@pytest.mark.parametrize("n_cols", ROW_LENGTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_of_any_length_are_computed_once_each_and_exactly(dtype, n_cols, n_rows):
+    """A row longer than 16 elements but not a multiple of 16, in rows that start 16-byte aligned,
+    runs as a body and a tail (layout.tile_of): adding ones to zeros touches every element of the
+    rows exactly once and nothing past them; sums and the momentum step equal PyTorch's bitwise."""
+    split = n_cols > 16 and n_cols % 16 != 0
+    assert layout.parts(n_rows, n_cols, [_padded(n_rows, n_cols, dtype)[0]], [PAD]) == (2 if split else 1)
+    (a, base), (b, _) = _padded(n_rows, n_cols, dtype, torch.zeros), _padded(n_rows, n_cols, dtype, torch.ones)
+    kernels.add_(a, b)
+    assert torch.equal(a, torch.ones_like(a)) and not base[:, n_cols:].any()
+    (a, _), (b, _), (c, _), (d, base) = (_padded(n_rows, n_cols, dtype) for _ in range(4))
+    expected, after = (a - b, c + d), base[:, n_cols:].clone()
+    kernels.sub_add_(a, b, c, d)
+    assert torch.equal(a, expected[0]) and torch.equal(c, expected[1]) and torch.equal(base[:, n_cols:], after)
+    if dtype == torch.float64:  # beta and 1 - beta are exact fp64 arguments
+        (x, _), (v, _), (f, _) = (_padded(n_rows, n_cols, dtype) for _ in range(3))
+        expected_v = 0.9 * v + (1 - 0.9) * f
+        expected_x = x + expected_v
+        kernels.momentum_forward_(x, v, f, 0.9)
+        assert torch.equal(v, expected_v) and torch.equal(x, expected_x)
+
+
+@pytest.mark.parametrize("n_cols", [1, 15, 17, 31, 4095, 4097])
+@pytest.mark.parametrize("name", OPS)
+def test_every_op_computes_split_rows_as_it_computes_whole_ones(name, n_cols):
+    """fp16, 4 rows of ``n_cols`` elements: rows PAD apart start aligned, so rows longer than 16
+    but not a multiple of it run as a body and a tail; the same values in rows that start 2 bytes
+    off (no tensor aligned: one part) give bitwise the same results, within one fp16 ulp of the
+    fp32 arithmetic (not bitwise: the interpreter's exp is numpy's, the reference's torch's, and
+    one in a few thousand rounds the other way), and the padding past each row is kept."""
+    n_tensors, extra, fp32 = OPS[name]
+    padded = [_padded(4, n_cols, torch.float16) for _ in range(n_tensors)]
+    aligned = [rows for rows, _ in padded]
+    offset = [torch.zeros(4, PAD + 1, dtype=torch.float16)[:, 1:n_cols + 1].copy_(t) for t in aligned]
+    assert layout.parts(4, n_cols, aligned, [PAD] * n_tensors) == (2 if n_cols > 16 and n_cols % 16 else 1)
+    assert layout.parts(4, n_cols, offset, [PAD + 1] * n_tensors) == 1
+    pads = [base[:, n_cols:].clone() for _, base in padded]
+    expected = fp32(*[t.float() for t in aligned])
+    for tensors in (aligned, offset):
+        getattr(torch.ops.revtriton, name)(*tensors, *extra)
+    for i, value in expected.items():
+        assert torch.equal(aligned[i], offset[i]), i
+        assert_close_to_reference(aligned[i], value.double())
+    assert all(torch.equal(base[:, n_cols:], pad) for (_, base), pad in zip(padded, pads))
+
+
+@pytest.mark.parametrize("n_cols", ROW_LENGTHS)
+def test_the_log_det_of_split_rows_sums_body_and_tail(n_cols):
+    """fp64: ``ld[i]`` gains the sum of s_c over sample i's row, its body's and its tail's parts."""
+    (x, _), (s, _), (t, _) = (_padded(3, n_cols, torch.float64) for _ in range(3))
+    ld = torch.zeros(3, dtype=torch.float64)
+    s_c = 2.0 * torch.tanh(s / 2.0)
+    expected = x * torch.exp(s_c) + t
+    kernels.affine_forward_(x, s, t, ld, 2.0)
+    torch.testing.assert_close(x, expected, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(ld, s_c.sum(1), rtol=1e-13, atol=1e-13)
+
+
+@triton.jit
+def _samples_of(rows_ptr, out_ptr, n_rows, rows_per_sample, BLOCK: tl.constexpr):
+    rows = tl.load(rows_ptr + tl.arange(0, BLOCK))
+    tl.store(out_ptr + tl.arange(0, BLOCK), layout.sample_of(rows, n_rows, rows_per_sample))
+
+
+@pytest.mark.parametrize("n_rows", [2**31 - 1, 2**31 + 9])
+def test_a_rows_sample_is_exact_on_either_side_of_2_31_rows(n_rows):
+    """``sample_of`` divides in 32 bits where n_rows < 2**31 (Triton passes it as i32) and in 64
+    bits past it; rows near n_rows and near 2**31 get ``row // rows_per_sample`` either way."""
+    rows = torch.tensor([0, 1, 2**31 - 9, 2**31 - 2, n_rows - 3, n_rows - 2, n_rows - 1, n_rows - 1])
+    out = torch.empty_like(rows)
+    for rows_per_sample in (1, 3, 2**30):
+        _samples_of[(1,)](rows, out, n_rows, rows_per_sample, BLOCK=len(rows))
+        assert torch.equal(out, rows // rows_per_sample), rows_per_sample
 
 
 def test_a_changed_stride_dtype_or_alignment_misses_the_launch_cache_and_stays_correct():
