@@ -22,12 +22,17 @@ driver's compiled C launcher (``CudaLauncher``: it parses the arguments, reads e
 not the current one also switches device). ``stub launcher alone`` is the floor: one call of
 the stub with a full argument list, the cost of the Python call itself.
 
+Rows ``... (chain)``: the same op as the blocks call it, :class:`revtriton.ops.ChainOp` (no
+dispatcher, none of the op's argument checks: the chain checks its operands itself), with its CPU
+kernel swapped for the CUDA launcher so that these CPU tensors take the path CUDA tensors take.
+
 Each figure: the median over ROUNDS interleaved rounds (every round runs CALLS calls of each
 row, in an order that rotates from round to round) of the time per call, with the spread of the
 rounds (the 10th to 90th percentile). ``add_``: ``a.add_(b)`` on the same 512-element fp32 tensors,
 torch's own dispatch plus its (small) CPU arithmetic.
 """
 import contextlib
+import copy
 import os
 import statistics
 
@@ -133,6 +138,8 @@ def _looped(fn, n):
 def makers(n):
     """``{name: maker}`` for :func:`bench.measure.interleaved_seconds`: each maker returns a
     function making ``n`` calls."""
+    from revtriton import ops
+
     cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     found = {}
     for name, (op, args) in calls().items():
@@ -140,6 +147,10 @@ def makers(n):
             redispatch = op.redispatch
             return _looped(lambda: redispatch(cuda, *args), n)
         found[name] = make
+    for name, (op, args) in calls().items():  # as the blocks call them: ops.ChainOp's path to the launcher
+        chain_op = copy.copy(getattr(ops, op.name().split("::")[1]))
+        chain_op.cpu = chain_op.cuda  # its CPU tensors take the CUDA launcher, as CUDA tensors would
+        found[f"{name} (chain)"] = lambda chain_op=chain_op, args=args: _looped(lambda: chain_op(*args), n)
     a, b = torch.randn(SHAPE), torch.randn(SHAPE)
     found["add_"] = lambda: _looped(lambda: a.add_(b), n)
     stub = _Launcher(None, None)

@@ -372,12 +372,14 @@ def test_host_job_writes_finite_positive_host_times_of_every_op(tmp_path):
     data = json.loads(result.read_text())
     assert {"device", "date", "torch", "triton", "calls", "rounds"} <= data["meta"].keys()
     calls = {r["call"] for r in data["rows"]}
-    assert calls == {case.name for case in kernels.CASES} | {"add_", "stub launcher alone"}
+    names = {case.name for case in kernels.CASES}
+    assert calls == names | {f"{name} (chain)" for name in names} | {"add_", "stub launcher alone"}
     for row in data["rows"]:
         assert "error" not in row, row
         for field in ("median_us", "p10_us", "p90_us", "ratio"):
             assert math.isfinite(row[field]) and row[field] > 0, (row["call"], field)
-    assert "| coupling_forward |" in (tmp_path / result.name.replace(".json", ".md")).read_text()
+    markdown = (tmp_path / result.name.replace(".json", ".md")).read_text()
+    assert "| coupling_forward |" in markdown and "| coupling_forward (chain) |" in markdown
 
 
 # python -m bench graphs: CUDA only; on CPU its models, its uncaptured steps and its report
