@@ -25,7 +25,7 @@ its side inputs.
 import torch
 from torch import nn
 
-from . import ops
+from .ops import on_stream
 from .function import inverse_chain, reversible_chain
 from .stream import halves
 
@@ -44,9 +44,9 @@ def _step_back(vjp, fn, inp, grad_out, rebuilt, grad_in, negate=False):
     recompute."""
     out, grad_inp, params = vjp(fn, inp, grad_out, negate)
     if grad_inp is None:
-        ops.coupling_inverse(rebuilt, out)
+        on_stream.coupling_inverse(rebuilt, out)
     else:
-        ops.coupling_backward(rebuilt, out, grad_in, grad_inp)
+        on_stream.coupling_backward(rebuilt, out, grad_in, grad_inp)
     return params
 
 
@@ -119,13 +119,13 @@ class ReversibleBlock(nn.Module):
 
     def forward_inplace(self, x, run, log_det=None):  # volume-preserving: adds 0 to log_det
         x1, x2 = x
-        ops.coupling_forward(x1, run("f", self.f, x2))
-        ops.coupling_forward(x2, run("g", self.g, x1))
+        on_stream.coupling_forward(x1, run("f", self.f, x2))
+        on_stream.coupling_forward(x2, run("g", self.g, x1))
 
     def inverse_inplace(self, y, run, log_det=None):
         y1, y2 = y
-        ops.coupling_inverse(y2, run("g", self.g, y1))
-        ops.coupling_inverse(y1, run("f", self.f, y2))
+        on_stream.coupling_inverse(y2, run("g", self.g, y1))
+        on_stream.coupling_inverse(y1, run("f", self.f, y2))
 
     def backward_inplace(self, y, dy, vjp, log_det_grad=None):
         (y1, y2), (dy1, dy2) = y, dy

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops import on_stream
 from .blocks import ReversibleBlock, _as_module, _step_back, call, halves
 
 
@@ -26,7 +27,7 @@ def _number(name, value, inside, expected):
 def _add_grad_(dy, grad):
     """``dy += grad`` unless ``grad`` is None (the output does not depend on that input)."""
     if grad is not None:
-        ops.coupling_forward(dy, grad)
+        on_stream.coupling_forward(dy, grad)
 
 
 class _Coupling(nn.Module):
@@ -86,13 +87,13 @@ class AffineBlock(_Coupling):
     def forward_inplace(self, x, run, log_det=None):
         x1, x2 = self._halves(x)
         s, t = run("s", self.s, x1), run("t", self.t, x1)
-        ops.affine_forward(x2, s, t, log_det, self.clamp)
+        on_stream.affine_forward(x2, s, t, log_det, self.clamp)
 
     def inverse_inplace(self, y, run, log_det=None):
         y1, y2 = self._halves(y)
         t = run("t", self.t, y1)  # t before s: the inverse's backward recomputes s first
         s = run("s", self.s, y1)
-        ops.affine_inverse(y2, s, t, self.clamp)
+        on_stream.affine_inverse(y2, s, t, self.clamp)
         if log_det is not None:
             log_det -= ops.per_sample_sum(ops.soft_clamp(s.to(log_det.dtype), self.clamp))
 
@@ -105,7 +106,7 @@ class AffineBlock(_Coupling):
 
         def scale_grad(s):  # x2, dx2 = dy2 * exp(s_c) and dL/ds in one pass
             ds = torch.empty_like(y2, dtype=s.dtype)  # in the stream's layout, as the kernels need
-            ops.affine_backward(y2, dy2, s, t, ds, log_det_grad, self.clamp)
+            on_stream.affine_backward(y2, dy2, s, t, ds, log_det_grad, self.clamp)
             return ds
 
         # y1.data: y1 with a version counter of its own, as y2 (same buffer) is rebuilt while
@@ -120,7 +121,7 @@ class AffineBlock(_Coupling):
 
         def scale_grad(s):  # x2 * exp(s_c), dy2 = dx2 / exp(s_c) and dL/ds in one pass
             ds = torch.empty_like(x2, dtype=s.dtype)  # laid out like x2, which the kernel writes with it
-            ops.affine_inverse_backward(x2, dx2, s, ds, log_det_grad, self.clamp)
+            on_stream.affine_inverse_backward(x2, dx2, s, ds, log_det_grad, self.clamp)
             return ds
 
         # x1.data: a version counter of its own, as x2 (same buffer) changes while the
@@ -187,30 +188,30 @@ class MomentumBlock(_Coupling):
 
     def forward_inplace(self, xv, run, log_det=None):
         x, v = xv
-        ops.momentum_forward(x, v, run("f", self.f, x), self.beta)
+        on_stream.momentum_forward(x, v, run("f", self.f, x), self.beta)
         if log_det is not None:
             log_det += self._log_det(v)
 
     def inverse_inplace(self, y, run, log_det=None):
         x, v = y
-        ops.coupling_inverse(x, v)  # x = x' - v'
-        ops.momentum_inverse(v, run("f", self.f, x), self.beta)
+        on_stream.coupling_inverse(x, v)  # x = x' - v'
+        on_stream.momentum_inverse(v, run("f", self.f, x), self.beta)
         if log_det is not None:
             log_det -= self._log_det(v)
 
     def backward_inplace(self, y, dy, vjp, log_det_grad=None):  # log|det| is constant
         (x, v), (dx, dv) = y, dy
-        ops.momentum_backward_x(x, v, dx, dv, self.beta)  # x = x' - v', dv = (1 - beta)(dx' + dv')
+        on_stream.momentum_backward_x(x, v, dx, dv, self.beta)  # x = x' - v', dv = (1 - beta)(dx' + dv')
         f, f_x, f_params = vjp(self.f, x, dv)
-        ops.momentum_backward_v(v, f, dx, torch.zeros_like(f) if f_x is None else f_x, dv, self.beta)
+        on_stream.momentum_backward_v(v, f, dx, torch.zeros_like(f) if f_x is None else f_x, dv, self.beta)
         return f_params
 
     def inverse_backward_inplace(self, xv, dxv, vjp, log_det_grad=None):  # log|det| is constant
         (x, v), (dx, dv) = xv, dxv
         dv.mul_(-(1 - self.beta) / self.beta)  # dL/dF(x) = -(1 - beta) / beta * dv
         f, f_x, f_params = vjp(self.f, x, dv)
-        ops.momentum_forward(x, v, f, self.beta)  # v' = beta * v + (1 - beta) * f,  x' = x + v'
-        ops.momentum_inverse_backward(dx, torch.zeros_like(f) if f_x is None else f_x, dv, self.beta)
+        on_stream.momentum_forward(x, v, f, self.beta)  # v' = beta * v + (1 - beta) * f,  x' = x + v'
+        on_stream.momentum_inverse_backward(dx, torch.zeros_like(f) if f_x is None else f_x, dv, self.beta)
         return f_params
 
     def eager_forward(self, xv, log_det=None, run=call):

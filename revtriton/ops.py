@@ -29,8 +29,10 @@ are correct.
 """
 import math
 import os
+import types
 
 import torch
+from torch.utils._device import DeviceContext
 
 
 def interpreting():
@@ -133,6 +135,7 @@ def _refuse_overlap(op, names, args, written):
 
 
 _lib = torch.library.Library("revtriton", "DEF")
+on_stream = types.SimpleNamespace()  # the ops as the blocks call them: a ChainOp each (define)
 
 
 def _refuse_autograd(op, names, args):
@@ -158,7 +161,8 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
     -m bench host``) where ``torch.library.custom_op``'s Python wrapper alone took 17 µs. Each
     kernel bumps the version counters of what it writes, and refuses tensors that require grad
     while grad is enabled (the ops have no derivative), and overlapping operands as PyTorch's
-    in-place ops do (:func:`_refuse_overlap`). Returns the :class:`ChainOp` the blocks call.
+    in-place ops do (:func:`_refuse_overlap`). Returns the op; ``on_stream.<name>`` is the
+    :class:`ChainOp` the blocks call.
     """
     args = [f"Tensor({n}!) {n}" if n in mutated else f"Tensor {n}" for n in names]
     args += [f"Tensor({n}!)? {n}" if n in mutated else f"Tensor? {n}" for n in per_sample]
@@ -194,30 +198,40 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
     _lib.impl(name, kernel_for(run_cpu), "CPU")
     _lib.impl(name, kernel_for(launch), "CUDA")
     torch.library.register_fake(f"revtriton::{name}", lambda *args: None, lib=_lib)
-    return ChainOp(getattr(torch.ops.revtriton, name).default, run_cpu, launch, written, n_tensors)
+    op = getattr(torch.ops.revtriton, name).default
+    setattr(on_stream, name, ChainOp(op, run_cpu, launch, written, n_tensors))
+    return op
 
 
 def _watched():
-    """Whether anything besides the dispatcher's routing could act on an op call now:
-    torch.compile recording it, a torch function or dispatch mode (fake tensors,
-    FlopCounterMode, ...), a functorch transform (vmap's tensors are plain ``torch.Tensor``s)
-    or the profiler, which records ops by name."""
-    return (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+    """Whether anything besides the dispatcher's routing could act on an op call now: grad
+    enabled (the op refuses a gradient it would drop), torch.compile recording it, a torch
+    function mode other than ``torch.set_default_device``'s (which acts on factory functions
+    only), a dispatch mode (fake tensors, FlopCounterMode, ...), a functorch transform (vmap's
+    tensors are plain ``torch.Tensor``s) or the profiler, which records ops by name."""
+    return (torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or (torch._C._is_torch_function_mode_enabled() and not _default_device_only())
             or torch._C._len_torch_dispatch_stack() > 0 or torch._C._are_functorch_transforms_active()
             or torch.autograd.profiler._is_profiler_enabled)
 
 
+def _default_device_only():
+    """Whether the torch function modes active are ``torch.set_default_device``'s alone."""
+    return all(isinstance(m, DeviceContext) for m in torch.overrides._get_current_function_mode_stack())
+
+
 class ChainOp:
-    """An op as the blocks call it on a chain's own operands: halves of the chain's streams and
-    the outputs of F and G, which the chain has checked (shape, device, floating dtype; see
-    :func:`revtriton.replay.check_output`) and which cannot overlap a half they are written
-    into. In plain eager code (nothing :func:`_watched`, every operand a ``torch.Tensor`` itself
-    on CPU or CUDA) the call runs the kernel the dispatcher would pick without the op's argument
-    checks, bumping the versions of what it writes: together those cost four times a small
-    coupling's launch (``python -m bench host``), and a chain makes four calls per block and
-    step. Otherwise (torch.compile, fake or meta tensors, a tensor subclass such as the
-    AsyncCollectiveTensor a tensor-parallel F returns, the profiler) it calls the op.
-    ``torch.ops.revtriton.<name>``, the op itself, checks every call.
+    """An op as the blocks call it (``on_stream.<name>``) on a chain's own operands: halves of
+    the chain's streams and the outputs of F and G, which the chain has checked (shape, device,
+    floating dtype; see :func:`revtriton.replay.check_output`) and which cannot partially
+    overlap a half they are written into. In plain eager code (nothing :func:`_watched`, every
+    operand a ``torch.Tensor`` itself on CPU or CUDA) the call runs the kernel the dispatcher
+    would pick without the op's argument checks, bumping the versions of what it writes: the
+    dispatcher and the checks cost more host time than the launch itself (``python -m bench
+    host``), and a chain makes four calls per block and step. Otherwise (torch.compile, fake or
+    meta tensors, a tensor subclass such as the AsyncCollectiveTensor a tensor-parallel F
+    returns, the profiler) it calls the op. The op itself (``revtriton.ops.<name>``,
+    ``torch.ops.revtriton.<name>``) checks every call: use it anywhere else.
     """
 
     def __init__(self, op, cpu, cuda, written, n_tensors):

@@ -130,12 +130,14 @@ def test_operands_pytorch_accepts_are_accepted_and_computed():
     torch.testing.assert_close((s[0], s[1]), expected)
 
 
-def test_the_blocks_calls_run_the_ops_kernel_in_eager_and_the_op_where_something_watches():
-    """ops.ChainOp (what the blocks call): in plain eager, the kernel without the dispatcher, the
-    same result and version bump; under a dispatch mode or the profiler, the op itself."""
+def test_the_blocks_calls_run_the_ops_kernel_in_eager_and_the_op_where_something_watches(monkeypatch):
+    """ops.on_stream (what the blocks call): in plain eager, the kernel without the dispatcher, the
+    same result and version bump, also under torch.set_default_device; under a dispatch mode, the
+    profiler or with grad enabled, the op itself. revtriton.ops.<name> is the op."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from revtriton import ops
+    from revtriton.ops import on_stream
 
     class Seen(TorchDispatchMode):
         def __init__(self):
@@ -146,40 +148,54 @@ def test_the_blocks_calls_run_the_ops_kernel_in_eager_and_the_op_where_something
             self.ops.append(str(func))
             return func(*args, **(kwargs or {}))
 
+    assert ops.coupling_forward is torch.ops.revtriton.coupling_forward.default
+    calls = []
+    for name in ("coupling_forward", "coupling_inverse", "coupling_backward"):
+        chain_op = getattr(on_stream, name)
+        monkeypatch.setattr(chain_op, "op", lambda *args, op=chain_op.op: calls.append(op) or op(*args))
     a, b, c, d = _args(4)
     expected = a - b, c + d
     before = a._version, c._version
-    ops.coupling_backward(a, b, c, d)
-    torch.testing.assert_close((a, c), expected)
-    assert a._version > before[0] and c._version > before[1]
-    with Seen() as seen:
-        ops.coupling_forward(a, b)
-    assert seen.ops == ["revtriton.coupling_forward.default"]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        ops.coupling_inverse(a, b)
-    assert "revtriton::coupling_inverse" in {e.name for e in prof.events()}
-    torch.testing.assert_close((a, c), expected)
-    meta = torch.empty(3, 5, device="meta")
-    ops.coupling_forward(meta, meta)  # the op's fake kernel: nothing to compute
+    with torch.no_grad():
+        on_stream.coupling_backward(a, b, c, d)
+        torch.testing.assert_close((a, c), expected)
+        assert a._version > before[0] and c._version > before[1]
+        with torch.device("cpu"):  # torch.set_default_device's function mode
+            on_stream.coupling_forward(a, b)
+            on_stream.coupling_inverse(a, b)
+        assert calls == []
+        with Seen() as seen:
+            on_stream.coupling_forward(a, b)
+        assert seen.ops == ["revtriton.coupling_forward.default"]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            on_stream.coupling_inverse(a, b)
+        assert "revtriton::coupling_inverse" in {e.name for e in prof.events()}
+        torch.testing.assert_close((a, c), expected)
+        meta = torch.empty(3, 5, device="meta")
+        on_stream.coupling_forward(meta, meta)  # the op's fake kernel: nothing to compute
+    assert len(calls) == 3
+    with pytest.raises(RuntimeError, match="b requires grad"):  # grad enabled: the op, which refuses
+        on_stream.coupling_forward(a, b.requires_grad_())
 
 
 def test_the_blocks_calls_take_the_op_for_a_tensor_subclass_in_any_operand(monkeypatch):
     """A tensor-parallel F returns an AsyncCollectiveTensor, whose data the kernel cannot read
     until the dispatcher has waited for it: any operand of a subclass goes through the op."""
-    from revtriton import ops
+    from revtriton.ops import on_stream
 
     class Sub(torch.Tensor):
         pass
 
     calls = []
-    op = ops.coupling_forward.op
-    monkeypatch.setattr(ops.coupling_forward, "op", lambda *args: calls.append(args) or op(*args))
+    op = on_stream.coupling_forward.op
+    monkeypatch.setattr(on_stream.coupling_forward, "op", lambda *args: calls.append(args) or op(*args))
     a, b = _args(2)
     expected = a + b
-    ops.coupling_forward(a, b.as_subclass(Sub))
-    assert len(calls) == 1
-    torch.testing.assert_close(a, expected)
-    ops.coupling_forward(a, b)
+    with torch.no_grad():
+        on_stream.coupling_forward(a, b.as_subclass(Sub))
+        assert len(calls) == 1
+        torch.testing.assert_close(a, expected)
+        on_stream.coupling_forward(a, b)
     assert len(calls) == 1
 
 
