@@ -100,6 +100,8 @@ def check_reads(out, inputs, name, module):
     read from an attribute, a closure or a module that is not theirs, whose gradient the
     recompute would silently drop. Walks the graph back to its leaves, stopping at ``inputs``."""
     allowed = {id(t) for t in inputs}
+    if out.grad_fn is None and id(out) not in allowed:  # F returned a leaf that requires grad itself
+        _refuse_read(out, name, module)
     seen, stack = set(), [out.grad_fn]
     while stack:
         node = stack.pop()
@@ -111,15 +113,20 @@ def check_reads(out, inputs, name, module):
             continue
         leaf = node.variable  # a leaf that requires grad
         if id(leaf) not in allowed:
-            what = "a parameter" if isinstance(leaf, torch.nn.Parameter) else "a leaf tensor"
-            raise RuntimeError(
-                f"{name} ({type(module).__name__}) reads a tensor that requires grad but is neither its input, one "
-                f"of its parameters nor a side input (its graph reaches {what} of shape {tuple(leaf.shape)} that "
-                f"is none of these): the backward recompute would drop its gradient. Pass the tensor to the chain "
-                f"as a keyword argument (chain(x, name=tensor)) and take it as a keyword argument of {name}'s "
-                f"forward; a tensor inside an object that torch.utils._pytree does not flatten (a class of "
-                f"your own) is passed as it is: register the class with torch.utils._pytree, or pass the tensor "
-                f"itself")
+            _refuse_read(leaf, name, module)
+
+
+def _refuse_read(leaf, name, module):
+    """The read check's RuntimeError: ``name`` (``module``) reached ``leaf``."""
+    what = "a parameter" if isinstance(leaf, torch.nn.Parameter) else "a leaf tensor"
+    raise RuntimeError(
+        f"{name} ({type(module).__name__}) reads a tensor that requires grad but is neither its input, one "
+        f"of its parameters nor a side input (its graph reaches {what} of shape {tuple(leaf.shape)} that "
+        f"is none of these): the backward recompute would drop its gradient. Pass the tensor to the chain "
+        f"as a keyword argument (chain(x, name=tensor)) and take it as a keyword argument of {name}'s "
+        f"forward; a tensor inside an object that torch.utils._pytree does not flatten (a class of "
+        f"your own) is passed as it is: register the class with torch.utils._pytree, or pass the tensor "
+        f"itself")
 
 
 def _unaliased(g, grad):
@@ -221,11 +228,24 @@ def _swap(call, tensors, training):
 
 def _grads(out, inputs, grad):
     """``torch.autograd.grad(out, inputs, grad, allow_unused=True)``. For a plain tensor, the
-    engine is called directly: autograd.grad's Python checks cost more than a small F's backward
-    and the engine validates the gradient's shape and dtype itself."""
+    engine is called directly: autograd.grad's Python checks cost more than a small F's backward.
+    Of them, the engine repeats the dtype cast but not the exact shape check (it sums a gradient
+    that broadcasts to ``out``): ``grad`` is shaped like F's input half, and check_output has
+    checked that ``out`` is too."""
     if type(out) is not torch.Tensor:  # a subclass may override autograd.grad (__torch_function__)
         return torch.autograd.grad(out, inputs, grad, allow_unused=True)
     return _engine_run_backward((out,), (grad,), False, False, inputs, True, False)
+
+
+def _refuse_capture(device):
+    """A RuntimeError, saying what to do, if a CUDA graph is being captured on ``device``'s
+    stream: reading or setting the CUDA RNG state, as the RNG replay does, is forbidden then."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "a reversible chain with preserve_rng_state=True (the default) cannot run while a CUDA graph is "
+            "captured: it reads the CUDA RNG state to replay dropout in its recompute, which PyTorch forbids "
+            "during capture. Build the chain with preserve_rng_state=False if F and G draw no random numbers "
+            "(no dropout in training mode); otherwise the recompute would draw other numbers than the forward")
 
 
 class Recorder:
@@ -241,12 +261,8 @@ class Recorder:
     """
 
     def __init__(self, device, preserve_rng_state=True):
-        if preserve_rng_state and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "a reversible chain with preserve_rng_state=True (the default) cannot run while a CUDA graph is "
-                "captured: it reads the CUDA RNG state to replay dropout in its recompute, which PyTorch forbids "
-                "during capture. Build the chain with preserve_rng_state=False if F and G draw no random numbers "
-                "(no dropout in training mode); otherwise the recompute would draw other numbers than the forward")
+        if preserve_rng_state:
+            _refuse_capture(device)
         self.device = device
         self.preserve_rng_state = preserve_rng_state
         device_types = {t for t in ("cpu", device.type) if torch.amp.is_autocast_available(t)}
@@ -293,6 +309,7 @@ class Recorder:
     def _replaying(self, rng_state, autocasts):
         with contextlib.ExitStack() as stack:
             if rng_state is not None:
+                _refuse_capture(self.device)  # a backward captured after a forward that was not
                 cuda = [self.device] if rng_state.cuda is not None else []
                 stack.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
                 torch.set_rng_state(rng_state.cpu)

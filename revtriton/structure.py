@@ -15,9 +15,10 @@ import weakref
 from torch.nn.modules import module as _module
 
 _generation = 0
-# id(module) -> (weak reference to the module, generation, its submodules without itself, slot names
-# with owners as indices into [module, *submodules]). The entry holds no reference to the module,
-# which it would keep alive forever (and its parameters with it): it is dropped when the module dies.
+# id(module) -> (weak reference to the module, generation, weak references to its submodules, slot
+# names with owners as indices into [module, *submodules]). An entry holds no strong reference: one
+# would keep the module alive forever (and its parameters with it) wherever a submodule can reach the
+# module again (an F that is a bound method of the model). It is dropped when the module dies.
 _walks = {}
 
 SLOT_KINDS = ("_parameters", "_buffers")
@@ -42,7 +43,7 @@ def _walk(module):
              for key, t in getattr(m, kind).items() if t is not None]
     key = id(module)
     dropped = lambda _, key=key, walks=_walks: walks.pop(key, None)  # noqa: E731  (bound: safe at exit)
-    _walks[key] = (weakref.ref(module, dropped), _generation, modules[1:], names)
+    _walks[key] = (weakref.ref(module, dropped), _generation, [weakref.ref(m) for m in modules[1:]], names)
     return modules, names
 
 
@@ -51,7 +52,9 @@ def structure(module):
     or "_buffers", key)`` for each parameter and buffer slot that holds a tensor."""
     hit = _walks.get(id(module))
     if hit is not None and hit[1] == _generation and hit[0]() is module:
-        return [module, *hit[2]], hit[3]
+        modules = [module, *(ref() for ref in hit[2])]
+        if None not in modules:  # a submodule dropped without registration (del module.sub): walk again
+            return modules, hit[3]
     return _walk(module)
 
 

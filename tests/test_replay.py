@@ -315,6 +315,22 @@ def test_a_chain_and_its_modules_are_freed_once_nothing_holds_them():
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs)
 
+    class Model(nn.Module):  # F a method of the model, and a submodule reaching its parent again
+        def __init__(self):
+            super().__init__()
+            self.chain = rt.ReversibleSequential(rt.ReversibleBlock(self.f, nn.Linear(3, 3)))
+            self.chain[0].g.owner = [self.chain[0]]
+
+        def f(self, x):  # parameter-free: F reads nothing of the model but its method
+            return x.tanh() * 2
+
+    model = Model()
+    model.chain(torch.randn(2, 6, requires_grad=True)).sum().backward()
+    refs = [weakref.ref(m) for m in model.modules()]
+    del model
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
+
 
 def test_the_cached_structure_sees_parameters_and_modules_registered_after_a_first_step():
     """revtriton.structure caches each module's walk until something is registered: a parameter
@@ -337,3 +353,32 @@ def test_capture_of_a_chain_that_replays_the_cuda_rng_is_refused_saying_what_to_
     with pytest.raises(RuntimeError, match="cannot run while a CUDA graph is captured.*preserve_rng_state=False"):
         replay.Recorder(torch.device("cuda"))
     replay.Recorder(torch.device("cuda"), preserve_rng_state=False)  # reads no RNG state: nothing to refuse
+    recorder = replay.Recorder(torch.device("cuda"), preserve_rng_state=False)
+    state = replay.RngState(torch.get_rng_state(), None, b"")  # a call of a forward run before capture drew
+    with pytest.raises(RuntimeError, match="cannot run while a CUDA graph is captured"):
+        with recorder._replayed(state, []):
+            pass
+
+
+def test_f_returning_a_foreign_leaf_itself_is_refused_like_one_it_computes_with():
+    """F = lambda x: w, with w a leaf that requires grad and no input of F: its graph is w alone
+    (no grad_fn), so the read check tests the output itself (it found nothing, and w got no gradient)."""
+    w = torch.randn(2, 3, requires_grad=True)
+    chain = rt.ReversibleSequential(rt.ReversibleBlock(lambda x: w, nn.Linear(3, 3)))
+    with pytest.raises(RuntimeError, match=r"blocks\[0\].f \(_Callable\) reads a tensor that requires grad"):
+        chain(torch.randn(2, 6)).sum().backward()
+
+
+def test_the_recompute_engine_call_gives_autograd_grads_result():
+    """replay._grads calls torch's private _engine_run_backward for plain tensors (and the read
+    check tests node types against torch._C._functions.AccumulateGrad): pinned here, so a torch
+    that renames or changes them fails this test by name."""
+    x, w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(4, 4, dtype=torch.float64,
+                                                                                requires_grad=True)
+    unused = torch.randn(2, requires_grad=True)
+    grad = torch.randn(3, 4, dtype=torch.float64)
+    out = (x @ w).tanh()
+    expected = torch.autograd.grad(out, (x, w, unused), grad, allow_unused=True, retain_graph=True)
+    got = replay._grads(out, (x, w, unused), grad)
+    assert got[2] is None and all(torch.equal(a, b) for a, b in zip(got[:2], expected[:2]))
+    assert type(x.view_as(x).grad_fn.next_functions[0][0]) is replay._AccumulateGrad
