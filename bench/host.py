@@ -148,7 +148,7 @@ def makers(n):
             return _looped(lambda: redispatch(cuda, *args), n)
         found[name] = make
     for name, (op, args) in calls().items():  # as the blocks call them: ops.ChainOp's path to the launcher
-        chain_op = copy.copy(getattr(ops, op.name().split("::")[1]))
+        chain_op = copy.copy(getattr(ops.on_stream, op.name().split("::")[1]))
         chain_op.cpu = chain_op.cuda  # its CPU tensors take the CUDA launcher, as CUDA tensors would
         found[f"{name} (chain)"] = lambda chain_op=chain_op, args=args: _looped(lambda: chain_op(*args), n)
     a, b = torch.randn(SHAPE), torch.randn(SHAPE)
