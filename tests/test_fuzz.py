@@ -66,8 +66,10 @@ REFUSALS = [
 
 TOL = 1e-10  # relative, float64
 # absolute: a gradient that is zero in exact arithmetic (a bias before BatchNorm, a 1x1 spectral
-# norm) is fp64 round-off of O(1) terms on both sides, whose relative error is meaningless
-ATOL = 1e-12
+# norm) is fp64 round-off of O(1) terms on both sides, whose relative error is meaningless; six
+# blocks deep, with momentum's 1/beta amplifying it, that round-off reached 1.8e-12 (long mode,
+# seed 20261201, the same on e98f0a8). A dropped or misrouted gradient is off by O(1e-3) or more.
+ATOL = 1e-10
 FUZZ_EXAMPLES = int(os.environ.get("REVTRITON_FUZZ_EXAMPLES", "200"))
 LONG = "REVTRITON_FUZZ_EXAMPLES" in os.environ
 
