@@ -18,6 +18,7 @@ import weakref
 from typing import Callable, NamedTuple
 
 import torch
+from torch.autograd import forward_ad
 
 from . import fsdp, structure
 from .replay import Recorder, run_checked, run_side_effect_free
@@ -313,7 +314,14 @@ def is_exporting():
 
 
 def refuse_function_transforms():
-    """Raise a clear error under torch.func transforms (vmap, grad, jacrev, ...)."""
+    """Raise a clear error under torch.func transforms (vmap, grad, jacrev, ...) and within
+    forward-mode AD (``torch.autograd.forward_ad.dual_level``), where the chain's in-place
+    kernels would carry no tangent and its output would silently have none."""
+    if forward_ad._current_level >= 0:
+        raise RuntimeError(
+            "a reversible chain cannot run within forward-mode AD (torch.autograd.forward_ad.dual_level): its "
+            "in-place kernels carry no tangent, so its output would silently have none. Run the eager twin: set "
+            "reversible=False on the chain (the same modules and parameters)")
     if torch._C._are_functorch_transforms_active():
         raise RuntimeError(
             "a reversible chain cannot run under torch.func transforms (vmap, grad, jacrev, ...): its one "

@@ -214,3 +214,21 @@ def test_per_sample_gradients_under_vmap_are_refused_with_the_way_out():
     per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
     expected = grad(loss)(params, x[1])
     assert all(rel_err(per_sample[k][1], expected[k]) <= 1e-5 for k in params)
+
+
+@pytest.mark.parametrize("grad_enabled", [False, True])
+def test_forward_mode_ad_is_refused_with_the_way_out(grad_enabled):
+    """Within forward_ad.dual_level the chain's in-place kernels carry no tangent: without grad
+    its output silently had none (found by review). The eager twin carries it."""
+    import torch.autograd.forward_ad as fwAD
+
+    chain = rt.ReversibleSequential(_block(), _block()).double()
+    x, tangent = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    with torch.set_grad_enabled(grad_enabled), fwAD.dual_level():
+        with pytest.raises(RuntimeError, match=r"within forward-mode AD.*reversible=False"):
+            chain(fwAD.make_dual(x, tangent))
+        with pytest.raises(RuntimeError, match=r"within forward-mode AD"):
+            chain.inverse(fwAD.make_dual(x, tangent))
+        chain.reversible = False  # the way out: the eager twin
+        y = chain(fwAD.make_dual(x, tangent))
+        assert fwAD.unpack_dual(y).tangent is not None
