@@ -328,13 +328,14 @@ class Recorder:
         tensor of ``side`` (None where none flowed)."""
         calls = reversed(self.calls)
         side_grads = [None] * len(side.tensors)
-        wanted = [(i, t) for i, t in enumerate(side.tensors) if t.requires_grad]
+        wanted = [i for i, t in enumerate(side.tensors) if t.requires_grad]
+        side_leaves = [side.tensors[i] for i in wanted]
         autocasts = self._autocasts()
 
         def vjp(module, x, grad, negate=False):
             call = next(calls)
-            out, grads, params = self._vjp(module, x, grad, side, [t for _, t in wanted], call, autocasts, negate)
-            for (i, _), g in zip(wanted, grads[1:]):
+            out, grads, params = self._vjp(module, x, grad, side, side_leaves, call, autocasts, negate)
+            for i, g in zip(wanted, grads[1:]):
                 if g is not None:
                     side_grads[i] = g if side_grads[i] is None else side_grads[i] + g
             return out, grads[0] if grads else None, params
@@ -356,7 +357,7 @@ class Recorder:
         leaf = x.detach().requires_grad_()
         tensors, trainable = _replacements(call, module)
         kwargs = side.for_module(module)
-        saw = _swap(call, tensors, call.training)
+        saw = _swap(call, tensors, call.training)  # what was there: _swap(call, *saw) puts it back
         try:
             with torch.enable_grad(), self._replayed(call.rng_state, autocasts):
                 out = module(leaf, **kwargs)
