@@ -191,7 +191,7 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
             if not _valid(args, n_names, n_tensors):
                 _check(name, names, args, per_sample)  # raises the error that says what is wrong
             _refuse_overlap(name, tensor_names, args, written)
-            torch.autograd.graph.increment_version([args[i] for i in written if args[i] is not None])
+            _bump_versions(args, written)
             run(*args)
         return checked_kernel
 
@@ -201,6 +201,12 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
     op = getattr(torch.ops.revtriton, name).default
     setattr(on_stream, name, ChainOp(op, run_cpu, launch, written, n_tensors))
     return op
+
+
+def _bump_versions(args, written):
+    """Bump the version counters of the tensors at the indices ``written`` of ``args`` (None
+    skipped), as PyTorch's in-place ops do, so that autograd sees them changed."""
+    torch.autograd.graph.increment_version([args[i] for i in written if args[i] is not None])
 
 
 def _watched():
@@ -242,7 +248,7 @@ class ChainOp:
         if _watched() or not (first.is_cpu or first.is_cuda) or any(
                 type(t) is not torch.Tensor for t in args[:self.n_tensors] if t is not None):
             return self.op(*args)  # e.g. F's output an AsyncCollectiveTensor (tensor parallelism)
-        torch.autograd.graph.increment_version([args[i] for i in self.written if args[i] is not None])
+        _bump_versions(args, self.written)
         (self.cuda if first.is_cuda else self.cpu)(*args)
 
 
