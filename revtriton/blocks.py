@@ -1,8 +1,8 @@
 """Reversible blocks: one coupling each, computed in place on a chain's stream buffer.
 
 A block implements three in-place steps that :mod:`revtriton.function` drives on a chain's
-stream: a ``(2, ...)`` buffer whose two contiguous entries are the halves of the input split
-along the block's ``dim`` (``x1, x2 = x``).
+stream, a ``(2, ...)`` buffer whose two contiguous entries are the halves of the input split
+along the block's ``dim``: each step gets the pair of halves (``x1, x2 = x``), views of it.
 
 - ``forward_inplace(x, run, log_det)``: x becomes y; unless ``log_det`` is None, the block
   adds its log|det dy/dx| per sample (index of dim 0) to that tensor in place.

@@ -62,10 +62,16 @@ def side_inputs(blocks, kwargs):
                                for i, block in enumerate(blocks) for name in block.FUNCTIONS})
 
 
+@functools.cache
+def call_name(index, name):
+    """``"blocks[index].name"``: how errors and the recompute name an F/G call of a chain."""
+    return f"blocks[{index}].{name}"
+
+
 def runner(run, side, index):
     """The ``run(name, module, half)`` that ``blocks[index]`` calls F and G with: ``run(
     "blocks[index].name", module, half, its side inputs)``."""
-    return lambda name, module, x: run(f"blocks[{index}].{name}", module, x, side.for_module(module))
+    return lambda name, module, x: run(call_name(index, name), module, x, side.for_module(module))
 
 
 def check_chain_input(blocks, x):
@@ -210,13 +216,14 @@ class ReversibleChainFunction(torch.autograd.Function):
         side = ctx.side.replaced([t.detach().requires_grad_(w) for t, w in zip(side_tensors, wants_grad)])
         vjp, side_grads = ctx.recorder.replay_reversed(side)
         order = in_order(ctx.blocks, ctx.direction)[::-1]
+        pair, grad_pair = tuple(stream.unbind(0)), tuple(grad.unbind(0))  # the blocks' halves, views
         for k, (b, block) in enumerate(order):
             with fsdp.backward_block(ctx.units, b, vjp, following(order, k)) as block_vjp:
-                for p, g in getattr(block, ctx.direction.back)(stream, grad, block_vjp, grad_log_det):
+                for p, g in getattr(block, ctx.direction.back)(pair, grad_pair, block_vjp, grad_log_det):
                     i = ctx.param_index.get(id(p))
                     if g is not None and i is not None:
                         param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
-        del stream
+        del stream, pair, grad_pair
         dx = from_stream(grad, dim) if ctx.needs_input_grad[0] else None
         ctx.freed_in_backward = False  # ended: autograd's own error guards a second backward
         return (dx, None, None, None, None, None, None, *param_grads, *side_grads)
@@ -229,9 +236,10 @@ def run_chain(blocks, x, run, log_det, side, direction=FORWARD, units=None):
     stream = to_stream(x, dim)
     ld = new_log_det(blocks, x) if log_det else None
     order = in_order(blocks, direction)
+    pair = tuple(stream.unbind(0))  # the blocks' halves, views of the stream
     for k, (i, block) in enumerate(order):
         with fsdp.forward_block(units, i, run, following(order, k)) as block_run:
-            getattr(block, direction.step)(stream, runner(block_run, side, i), ld)
+            getattr(block, direction.step)(pair, runner(block_run, side, i), ld)
     return from_stream(stream, dim), ld
 
 

@@ -245,10 +245,10 @@ class ChainOp:
 
     def __call__(self, *args):
         first = args[0]
-        if _watched() or not (first.is_cpu or first.is_cuda) or any(
-                type(t) is not torch.Tensor for t in args[:self.n_tensors] if t is not None):
+        if _watched() or not (first.is_cpu or first.is_cuda) or not all(
+                type(t) is torch.Tensor or t is None for t in args[:self.n_tensors]):
             return self.op(*args)  # e.g. F's output an AsyncCollectiveTensor (tensor parallelism)
-        _bump_versions(args, self.written)
+        torch._C._increment_version([args[i] for i in self.written if args[i] is not None])
         (self.cuda if first.is_cuda else self.cpu)(*args)
 
 

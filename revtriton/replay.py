@@ -100,20 +100,20 @@ def check_reads(out, inputs, name, module):
     read from an attribute, a closure or a module that is not theirs, whose gradient the
     recompute would silently drop. Walks the graph back to its leaves, stopping at ``inputs``."""
     allowed = {id(t) for t in inputs}
-    if out.grad_fn is None and id(out) not in allowed:  # F returned a leaf that requires grad itself
-        _refuse_read(out, name, module)
-    seen, stack = set(), [out.grad_fn]
+    if out.grad_fn is None:
+        if id(out) not in allowed:  # F returned a leaf that requires grad itself
+            _refuse_read(out, name, module)
+        return
+    seen, stack = {out.grad_fn}, [out.grad_fn]
     while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node) is not _AccumulateGrad:
-            stack.extend(next_node for next_node, _ in node.next_functions)
-            continue
-        leaf = node.variable  # a leaf that requires grad
-        if id(leaf) not in allowed:
-            _refuse_read(leaf, name, module)
+        for node, _ in stack.pop().next_functions:
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if type(node) is not _AccumulateGrad:
+                stack.append(node)
+            elif id(node.variable) not in allowed:  # a leaf that requires grad
+                _refuse_read(node.variable, name, module)
 
 
 def _refuse_read(leaf, name, module):
@@ -129,12 +129,15 @@ def _refuse_read(leaf, name, module):
         f"itself")
 
 
-def _unaliased(g, grad):
-    """``g``, or a copy of it if it shares storage with ``grad``: the gradient of an addend is the
-    incoming gradient itself, a view of the chain's gradient stream, which later blocks overwrite."""
-    if g is not None and grad is not None and _shares_storage(g, grad):
-        return g.clone()
-    return g
+def _unaliased(g, grad, storage):
+    """``g``, or a copy of it if it shares storage with ``grad`` (whose storage's data pointer is
+    ``storage``, or None for a tensor subclass): the gradient of an addend is the incoming
+    gradient itself, a view of the chain's gradient stream, which later blocks overwrite."""
+    if g is None:
+        return g
+    if type(g) is torch.Tensor and storage is not None:
+        return g.clone() if g.untyped_storage().data_ptr() == storage else g
+    return g.clone() if _shares_storage(g, grad) else g
 
 
 def _shares_storage(t, plain):
@@ -212,6 +215,27 @@ def _replacements(call, module):
     return tensors, list(aliases.items())
 
 
+def _as_recorded(call):
+    """The distinct parameters of ``call`` that require grad, when the recompute can run the
+    module as it is now (no swap, no alias): it holds no buffer, every slot still holds the
+    tensor the forward used, its training flags are the forward's, and no such parameter has a
+    tensor hook (``register_hook``: the engine would run it on the recompute's gradient too,
+    which an alias avoids). Otherwise None."""
+    if call.versions:
+        return None
+    params = {}
+    for owner, kind, key, t in call.slots:
+        if getattr(owner, kind).get(key) is not t:
+            return None
+        if t.requires_grad:
+            if t._backward_hooks:
+                return None
+            params[t] = t
+    if any(m.training is not flag for m, flag in zip(call.modules, call.training)):
+        return None
+    return list(params.items())
+
+
 def _swap(call, tensors, training):
     """Put ``tensors`` in ``call``'s slots and the ``training`` flags on its modules; return
     ``(tensors, training)`` as they were, which put back what was there (a flag is set only where
@@ -257,7 +281,9 @@ class Recorder:
     recompute calls the module with detached aliases of those parameters in their places (so
     that a hook on a parameter fires once, when the chain hands out its gradient, as in eager)
     and the buffers as the call read them, in the training mode it ran in; then puts the
-    module back as the forward left it.
+    module back as the forward left it. A module that needs none of this (no buffer, no
+    parameter hook, its slots and flags as the forward left them: :func:`_as_recorded`) is
+    recomputed as it is, its parameters the engine's inputs.
     """
 
     def __init__(self, device, preserve_rng_state=True):
@@ -355,23 +381,26 @@ class Recorder:
         grad and is none of these inputs (:func:`check_reads`).
         """
         leaf = x.detach().requires_grad_()
-        tensors, trainable = _replacements(call, module)
         kwargs = side.for_module(module)
-        saw = _swap(call, tensors, call.training)  # what was there: _swap(call, *saw) puts it back
+        trainable, saw = _as_recorded(call), None
+        if trainable is None:  # aliases and the forward's buffers and flags swapped in
+            tensors, trainable = _replacements(call, module)
+            saw = _swap(call, tensors, call.training)  # what was there: _swap(call, *saw) puts it back
         try:
             with torch.enable_grad(), self._replayed(call.rng_state, autocasts):
                 out = module(leaf, **kwargs)
                 check_output(call.name, out, leaf)  # the blocks' ops take it unchecked (ops.ChainOp)
                 out = -out if negate else out
         finally:
-            _swap(call, *saw)
+            if saw is not None:
+                _swap(call, *saw)
         if callable(grad):
             grad = grad(out.detach())
         if not out.requires_grad:
             return out.detach(), [], []
         inputs = (leaf, *(alias for _, alias in trainable), *side_leaves)
         check_reads(out, inputs, call.name, module)
-        grads = _grads(out, inputs, grad.to(out.dtype))
-        n = len(trainable)
-        param_grads = [(p, _unaliased(g, grad)) for (p, _), g in zip(trainable, grads[1:1 + n])]
-        return out.detach(), [grads[0], *(_unaliased(g, grad) for g in grads[1 + n:])], param_grads
+        grads = _grads(out, inputs, grad if grad.dtype == out.dtype else grad.to(out.dtype))
+        n, storage = len(trainable), grad.untyped_storage().data_ptr() if type(grad) is torch.Tensor else None
+        param_grads = [(p, _unaliased(g, grad, storage)) for (p, _), g in zip(trainable, grads[1:1 + n])]
+        return out.detach(), [grads[0], *(_unaliased(g, grad, storage) for g in grads[1 + n:])], param_grads

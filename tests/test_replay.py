@@ -95,6 +95,24 @@ def test_a_gradient_hook_on_a_parameter_fires_once_as_in_eager():
     assert rel_err(chain[0].f[0].weight.grad, twin[0].f[0].weight.grad) <= 1e-10
 
 
+def test_a_parameter_replaced_between_forward_and_backward_gets_the_gradient_as_in_eager():
+    """The recompute runs the module as it is only while its slots hold the forward's tensors;
+    here it swaps the forward's weight back in, and the new one gets no gradient, as in eager."""
+    chain = rt.ReversibleSequential(*[rt.ReversibleBlock(tanh_linear(3), tanh_linear(3), dim=-1) for _ in range(2)])
+    twin = copy.deepcopy(chain)
+    twin.reversible = False
+    x = torch.randn(4, 6)
+    grads = []
+    for model in (chain, twin):
+        old = model[0].f[0].weight
+        loss = loss_of(model(x.clone().requires_grad_()))
+        model[0].f[0].weight = nn.Parameter(torch.randn(3, 3))
+        loss.backward()
+        assert model[0].f[0].weight.grad is None
+        grads.append(old.grad)
+    assert rel_err(*grads) <= 1e-10
+
+
 class EMANormaliser(nn.Module):
     """Updates its running mean (in training), then subtracts it: the forward reads the buffer
     it has just written."""
@@ -141,9 +159,10 @@ def test_create_graph_is_refused_with_a_clear_error():
         torch.autograd.grad(chain(x).sum(), x, create_graph=True)
 
 
-def test_eval_between_forward_and_backward_replays_the_forwards_training_flags():
+@pytest.mark.parametrize("batch_norm", [True, False], ids=["with-buffers", "parameters-only"])
+def test_eval_between_forward_and_backward_replays_the_forwards_training_flags(batch_norm):
     def unit():
-        return nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 3), nn.Dropout(0.5), nn.Tanh())
+        return nn.Sequential(*[nn.BatchNorm1d(3)] * batch_norm, nn.Linear(3, 3), nn.Dropout(0.5), nn.Tanh())
 
     chain = rt.ReversibleSequential(*[rt.ReversibleBlock(unit(), unit(), dim=-1) for _ in range(2)])
     assert_equal_to_eager(chain, torch.randn(5, 6), between=lambda model: model.eval())
