@@ -179,15 +179,15 @@ def _bytes(t):
 def _record(name, module, x, kwargs):
     """``(module(x, **kwargs) checked by run_checked, its Call)`` (RNG state None)."""
     modules, slots = structure.slots(module)
-    buffers = [i for i, (_, kind, _, _) in enumerate(slots) if kind == "_buffers"]
+    training = tuple([m.training for m in modules])
+    buffers = [i for i, slot in enumerate(slots) if slot[1] == "_buffers"]
     if not buffers:
-        out = run_checked(name, module, x, kwargs)
-        return out, Call(name, slots, _NONE, _NONE, modules, tuple(m.training for m in modules), None)
+        return run_checked(name, module, x, kwargs), Call(name, slots, _NONE, _NONE, modules, training, None)
     versions = {i: slots[i][3]._version for i in buffers}
     copies = {i: slots[i][3].clone() for i in buffers}
     out = run_checked(name, module, x, kwargs)
     before = {i: copies[i] for i in buffers if slots[i][3]._version != versions[i]}
-    return out, Call(name, slots, versions, before, modules, tuple(m.training for m in modules), None)
+    return out, Call(name, slots, versions, before, modules, training, None)
 
 
 _NONE = types.MappingProxyType({})  # a call's buffer versions and copies when it has no buffer
@@ -295,15 +295,17 @@ class Recorder:
         self.autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in device_types}
         self.autocast_cache = torch.is_autocast_cache_enabled()
         self.calls = []  # a Call per forward call
-        self.rng_state = self._rng_state() if preserve_rng_state else None  # where the next call starts
+        self.rng_state = RngState(*self._rng_state()) if preserve_rng_state else None  # where the next call starts
 
     def _rng_state(self):
-        """The RNG states a call may draw from (CPU, and the chain's CUDA device), with their
-        bytes, which compare faster than the tensors (``torch.equal`` costs more than the read)."""
-        cpu = torch.get_rng_state()
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        key = _bytes(cpu) if cuda is None else _bytes(cpu) + _bytes(cuda)
-        return RngState(cpu, cuda, key)
+        """``(cpu, cuda, key)``: the RNG states a call may draw from (CPU, and the chain's CUDA
+        device, or None) and their bytes, which compare faster than the tensors (``torch.equal``
+        costs more than the read)."""
+        cpu = torch.default_generator.get_state()
+        if self.device.type != "cuda":
+            return cpu, None, _bytes(cpu)
+        cuda = torch.cuda.get_rng_state(self.device)
+        return cpu, cuda, _bytes(cpu) + _bytes(cuda)
 
     def forward(self, name, module, x, kwargs):
         """``module(x, **kwargs)`` in the chain's forward, recorded for its recompute.
@@ -313,8 +315,8 @@ class Recorder:
         out, call = _record(name, module, x, kwargs)
         if self.preserve_rng_state:
             after = self._rng_state()
-            if after.key != self.rng_state.key:
-                call, self.rng_state = call._replace(rng_state=self.rng_state), after
+            if after[2] != self.rng_state.key:
+                call, self.rng_state = call._replace(rng_state=self.rng_state), RngState(*after)
         self.calls.append(call)
         return out
 
