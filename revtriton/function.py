@@ -214,7 +214,7 @@ class ReversibleChainFunction(torch.autograd.Function):
         param_grads = [None] * len(ctx.param_index)
         wants_grad = ctx.needs_input_grad[7 + len(param_grads):]
         side = ctx.side.replaced([t.detach().requires_grad_(w) for t, w in zip(side_tensors, wants_grad)])
-        vjp, side_grads = ctx.recorder.replay_reversed(side)
+        vjp, side_grads = ctx.recorder.replay_reversed(side, grad)
         order = in_order(ctx.blocks, ctx.direction)[::-1]
         pair, grad_pair = tuple(stream.unbind(0)), tuple(grad.unbind(0))  # the blocks' halves, views
         for k, (b, block) in enumerate(order):

@@ -129,15 +129,15 @@ def _refuse_read(leaf, name, module):
         f"itself")
 
 
-def _unaliased(g, grad, storage):
-    """``g``, or a copy of it if it shares storage with ``grad`` (whose storage's data pointer is
-    ``storage``, or None for a tensor subclass): the gradient of an addend is the incoming
-    gradient itself, a view of the chain's gradient stream, which later blocks overwrite."""
+def _unaliased(g, stream, span):
+    """``g``, or a copy of it if it shares storage with ``stream``, the chain's gradient stream,
+    whose storage spans the addresses ``span`` (``(first byte, end)``): the gradient of an addend
+    is the incoming gradient itself, a view of the stream, which later blocks overwrite."""
     if g is None:
         return g
-    if type(g) is torch.Tensor and storage is not None:
-        return g.clone() if g.untyped_storage().data_ptr() == storage else g
-    return g.clone() if _shares_storage(g, grad) else g
+    if type(g) is torch.Tensor:
+        return g.clone() if span[0] <= g.data_ptr() < span[1] else g
+    return g.clone() if _shares_storage(g, stream) else g
 
 
 def _shares_storage(t, plain):
@@ -348,21 +348,24 @@ class Recorder:
                                                    cache_enabled=self.autocast_cache))
             yield
 
-    def replay_reversed(self, side):
+    def replay_reversed(self, side, grad_stream):
         """``(vjp, side_grads)`` for one backward: ``vjp(module, x, grad, negate=False)`` replays the forward's
         calls from the last to the first (a retained graph replays them again on its next
         backward) with the side inputs ``side``, whose tensors that require grad are this
         backward's leaves; ``side_grads`` sums their gradients over the calls, one entry per
-        tensor of ``side`` (None where none flowed)."""
+        tensor of ``side`` (None where none flowed). No gradient it hands out aliases
+        ``grad_stream``, the chain's gradient stream."""
         calls = reversed(self.calls)
         side_grads = [None] * len(side.tensors)
         wanted = [i for i, t in enumerate(side.tensors) if t.requires_grad]
         side_leaves = [side.tensors[i] for i in wanted]
         autocasts = self._autocasts()
+        storage = grad_stream.untyped_storage()
+        stream = grad_stream, (storage.data_ptr(), storage.data_ptr() + storage.nbytes())
 
         def vjp(module, x, grad, negate=False):
             call = next(calls)
-            out, grads, params = self._vjp(module, x, grad, side, side_leaves, call, autocasts, negate)
+            out, grads, params = self._vjp(module, x, grad, side, side_leaves, call, autocasts, negate, stream)
             for i, g in zip(wanted, grads[1:]):
                 if g is not None:
                     side_grads[i] = g if side_grads[i] is None else side_grads[i] + g
@@ -370,14 +373,15 @@ class Recorder:
 
         return vjp, side_grads
 
-    def _vjp(self, module, x, grad, side, side_leaves, call, autocasts, negate):
+    def _vjp(self, module, x, grad, side, side_leaves, call, autocasts, negate, stream):
         """Recompute ``out = module(x, **side inputs)`` (``-module(...)`` with ``negate``: the
         backward of an inverse, which subtracts F) as ``call`` ran it in forward and pull
         ``grad`` back through it.
 
         Returns ``(out, [dL/dx, *dL/dside_leaves], [(param, dL/dparam), ...])`` (the list empty
         where ``out`` depends on nothing that requires grad) with ``out`` detached; a gradient is
-        None where ``out`` does not depend on that input, and never aliases ``grad``. ``grad`` may
+        None where ``out`` does not depend on that input, and never aliases ``stream`` (the gradient
+        stream and its storage's span, of which ``grad`` is a view: :func:`_unaliased`). ``grad`` may
         be a function of the detached ``out`` that returns the gradient (an affine coupling's
         scale needs ``out``). Raises a RuntimeError if ``out`` depends on a tensor that requires
         grad and is none of these inputs (:func:`check_reads`).
@@ -403,6 +407,6 @@ class Recorder:
         inputs = (leaf, *(alias for _, alias in trainable), *side_leaves)
         check_reads(out, inputs, call.name, module)
         grads = _grads(out, inputs, grad if grad.dtype == out.dtype else grad.to(out.dtype))
-        n, storage = len(trainable), grad.untyped_storage().data_ptr() if type(grad) is torch.Tensor else None
-        param_grads = [(p, _unaliased(g, grad, storage)) for (p, _), g in zip(trainable, grads[1:1 + n])]
-        return out.detach(), [grads[0], *(_unaliased(g, grad, storage) for g in grads[1 + n:])], param_grads
+        n = len(trainable)
+        param_grads = [(p, _unaliased(g, *stream)) for (p, _), g in zip(trainable, grads[1:1 + n])]
+        return out.detach(), [grads[0], *(_unaliased(g, *stream) for g in grads[1 + n:])], param_grads
