@@ -215,12 +215,13 @@ class ReversibleChainFunction(torch.autograd.Function):
         wants_grad = ctx.needs_input_grad[7 + len(param_grads):]
         side = ctx.side.replaced([t.detach().requires_grad_(w) for t, w in zip(side_tensors, wants_grad)])
         vjp, side_grads = ctx.recorder.replay_reversed(side, grad)
-        order = in_order(ctx.blocks, ctx.direction)[::-1]
+        order, back, units, param_index = in_order(ctx.blocks, ctx.direction)[::-1], ctx.direction.back, ctx.units, \
+            ctx.param_index
         pair, grad_pair = tuple(stream.unbind(0)), tuple(grad.unbind(0))  # the blocks' halves, views
         for k, (b, block) in enumerate(order):
-            with fsdp.backward_block(ctx.units, b, vjp, following(order, k)) as block_vjp:
-                for p, g in getattr(block, ctx.direction.back)(pair, grad_pair, block_vjp, grad_log_det):
-                    i = ctx.param_index.get(id(p))
+            with fsdp.backward_block(units, b, vjp, following(order, k)) as block_vjp:
+                for p, g in getattr(block, back)(pair, grad_pair, block_vjp, grad_log_det):
+                    i = param_index.get(id(p))
                     if g is not None and i is not None:
                         param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
         del stream, pair, grad_pair

@@ -245,11 +245,13 @@ class ChainOp:
 
     def __call__(self, *args):
         first = args[0]
-        if _watched() or not (first.is_cpu or first.is_cuda) or not all(
-                type(t) is torch.Tensor or t is None for t in args[:self.n_tensors]):
+        if _watched() or not (first.is_cpu or first.is_cuda) or not _PLAIN.issuperset(map(type, args[:self.n_tensors])):
             return self.op(*args)  # e.g. F's output an AsyncCollectiveTensor (tensor parallelism)
         torch._C._increment_version([args[i] for i in self.written if args[i] is not None])
         (self.cuda if first.is_cuda else self.cpu)(*args)
+
+
+_PLAIN = frozenset((torch.Tensor, type(None)))  # the operand types ChainOp runs its kernel on itself
 
 
 def _sub_add(a, b, c, d):
