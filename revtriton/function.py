@@ -215,8 +215,8 @@ class ReversibleChainFunction(torch.autograd.Function):
         wants_grad = ctx.needs_input_grad[7 + len(param_grads):]
         side = ctx.side.replaced([t.detach().requires_grad_(w) for t, w in zip(side_tensors, wants_grad)])
         vjp, side_grads = ctx.recorder.replay_reversed(side, grad)
-        order, back, units, param_index = in_order(ctx.blocks, ctx.direction)[::-1], ctx.direction.back, ctx.units, \
-            ctx.param_index
+        order = in_order(ctx.blocks, ctx.direction)[::-1]
+        back, units, param_index = ctx.direction.back, ctx.units, ctx.param_index
         pair, grad_pair = tuple(stream.unbind(0)), tuple(grad.unbind(0))  # the blocks' halves, views
         for k, (b, block) in enumerate(order):
             with fsdp.backward_block(units, b, vjp, following(order, k)) as block_vjp:

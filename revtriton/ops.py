@@ -206,7 +206,7 @@ def define(name, names, mutated, kernel, reference, per_sample=(), scalars=()):
 def _bump_versions(args, written):
     """Bump the version counters of the tensors at the indices ``written`` of ``args`` (None
     skipped), as PyTorch's in-place ops do, so that autograd sees them changed."""
-    torch.autograd.graph.increment_version([args[i] for i in written if args[i] is not None])
+    torch._C._increment_version([args[i] for i in written if args[i] is not None])  # increment_version's core
 
 
 def _watched():
@@ -247,7 +247,7 @@ class ChainOp:
         first = args[0]
         if _watched() or not (first.is_cpu or first.is_cuda) or not _PLAIN.issuperset(map(type, args[:self.n_tensors])):
             return self.op(*args)  # e.g. F's output an AsyncCollectiveTensor (tensor parallelism)
-        torch._C._increment_version([args[i] for i in self.written if args[i] is not None])
+        _bump_versions(args, self.written)
         (self.cuda if first.is_cuda else self.cpu)(*args)
 
 
