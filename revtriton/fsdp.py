@@ -31,8 +31,15 @@ import types
 import torch
 
 
-def _distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+def _units_possible():
+    """Whether an FSDP2 unit can exist in this process: a process group is up and ``fully_shard``
+    has made some module a unit (it turns the module's class into a subclass of ``FSDPModule``).
+    Under DDP alone (a process group, no unit) a chain then walks none of its modules."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return bool(FSDPModule.__subclasses__())
 
 
 def is_unit(module):
@@ -149,10 +156,11 @@ def _unit_name(block_index, path):
 
 def chain_units(blocks):
     """The :class:`ChainUnits` of ``blocks``, or None when no FSDP2 unit lies inside them (the
-    common case, one cheap walk). Refuses, before anything runs, what the chain cannot drive:
-    a unit inside with no enclosing unit that ran forward first (the root FSDP2 needs), and a
-    unit that also manages modules outside the chain's blocks."""
-    if not _distributed():
+    common case: without a process group or any unit in the process, no walk at all). Refuses,
+    before anything runs, what the chain cannot drive: a unit inside with no enclosing unit that
+    ran forward first (the root FSDP2 needs), and a unit that also manages modules outside the
+    chain's blocks."""
+    if not _units_possible():
         return None
     fsdp = internals()
     found, inside = {}, set()

@@ -124,5 +124,34 @@ def test_revtriton_fsdp_reads_its_names_through_one_namespace():
     assert callable(names.get_state) and hasattr(names.TrainingState, "PRE_BACKWARD")
 
 
+DDP_ALONE = """
+import torch, torch.distributed as dist
+from torch import nn
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+import revtriton as rt
+from revtriton import fsdp
+reads, internals = [], fsdp.internals
+fsdp.internals = lambda: reads.append(1) or internals()
+chain = rt.ReversibleSequential(rt.ReversibleBlock(nn.Linear(2, 2), nn.Linear(2, 2), dim=-1))
+chain(torch.randn(3, 4, requires_grad=True)).sum().backward()
+assert fsdp.chain_units(tuple(chain)) is None and reads == [], reads
+from torch.distributed.fsdp import fully_shard
+fully_shard(nn.Linear(2, 2))  # a unit elsewhere in the process: the chain looks for units inside it again
+assert fsdp.chain_units(tuple(chain)) is None and reads == [1], reads
+dist.destroy_process_group()
+"""
+
+
+def test_a_chain_with_a_process_group_and_no_fsdp2_unit_walks_none_of_its_modules():
+    """Under DDP alone (a process group, no fully_shard anywhere) a chain's call looks for no FSDP2
+    unit: the walk cost 5 µs per block and call on the overhead workload. A fresh process, so
+    that no unit exists before the first check."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+               GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.run([sys.executable, "-c", DDP_ALONE], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 if __name__ == "__main__":
     probe()
